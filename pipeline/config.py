@@ -1,0 +1,285 @@
+"""Run configuration: frozen dataclasses, one per concern, nested in one root `Config`.
+
+A run is fully described by its resolved `Config` (logged once) and its data. Configs come from
+YAML plus dotted command-line overrides (`train.max_steps=200`); an unknown key or a value of
+the wrong type is an error naming the key, never a silent default. Derived values (the centre
+target size, the per-worker batch) are computed by functions, never written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MaskKind = Literal["center", "random_block", "random_region"]
+Arch = Literal["dcgan", "alexnet"]
+Precision = Literal["fp32", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing, or holds a value of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: str = ""  # brace pattern, a YAML list, local paths, s3:// or gs:// URLs
+    val_shards: str = ""  # held-out shards for reconstruction error and probes ("" = none)
+    image_size: int = 128  # network input side (the paper: 128)
+    resize: int = 0  # shorter side before the random crop; 0 = image_size (the paper: 350 for 128)
+    batch_size: int = 64  # per worker (rank); the paper's 64 is per step on one GPU
+    num_workers: int = 0  # DataLoader processes per rank; 0 decodes in the training process
+    shuffle_buffer: int = 1000  # samples held for in-stream shuffling
+    resampled: bool = False  # endless stream (shards drawn with replacement) vs exact epochs
+    steps_per_epoch: int = 0  # required when resampled; 0 in epoch mode = derived from counts
+    flip: bool = True  # random horizontal flip p = 0.5 on training crops
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    kind: MaskKind = "center"
+    overlap: int = 4  # centre mask: visible ring of the target kept (px at 128; scaled below)
+    min_cover: float = 0.20  # random masks: accepted share of dropped pixels
+    max_cover: float = 0.30
+    max_blocks: int = 5  # random_block: up to this many overlapping rectangles
+    # Mean fill colour (R, G, B of 255) of the released code, mapped to [-1, 1] at use.
+    fill_rgb: tuple[int, int, int] = (117, 104, 123)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch = "dcgan"
+    image_size: int = 128  # must equal data.image_size
+    width: int = 64  # channels of the first conv; doubles per stage up to 8x
+    bottleneck: int = 4000  # channels of the 1x1 code (paper: 4000)
+    # Random masks need the whole image back; the centre mask predicts only the centre square.
+    full_image_output: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_rec: float = 0.999
+    lambda_adv: float = 0.001  # 0 builds and runs no discriminator at all
+    overlap_weight: float = 10.0  # centre mask: L2 weight of the visible ring vs the interior
+    visible_weight: float = 0.0  # random masks: L2 weight of visible pixels (0 = ignored)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr_d: float = 2e-4
+    lr_g: float = 2e-3  # released code: 10x the discriminator's when both losses are on
+    beta1: float = 0.5
+    beta2: float = 0.999
+    max_steps: int = 1000  # total optimiser steps (both G and D) over all epochs
+    precision: Precision = "fp32"  # "bf16" autocasts matmuls/convs on CPU and CUDA
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = True  # SyncBatchNorm under DDP so BN statistics do not drift per rank
+    log_every: int = 10
+    checkpoint_every: int = 200  # steps between checkpoints (and ray.train.report calls)
+    sample_every: int = 200  # steps between inpainting sample grids
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "context-encoder"  # MLflow experiment name; also the Ray Train run name
+    output_root: str = "outputs"  # every file a job writes lands under this directory
+    tracking_uri: str = ""  # "" = sqlite:///<output_root>/mlflow.db
+    address: str = ""  # Ray address; "" = RAY_ADDRESS or a new local Ray
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2  # worker deaths tolerated; the run restarts from its last checkpoint
+    num_to_keep: int = 2  # checkpoints kept in storage
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---- derived values -------------------------------------------------------------------------
+
+
+def target_size(model: ModelConfig) -> int:
+    """Side of the predicted square: the centre half (64 of 128) or the whole image."""
+    return model.image_size if model.full_image_output else model.image_size // 2
+
+
+def scaled_overlap(mask: MaskConfig, image_size: int) -> int:
+    """The visible ring scales with the image: 4 px at 128, 1 px at 32."""
+    return max(1, round(mask.overlap * image_size / 128)) if mask.overlap > 0 else 0
+
+
+def tracking_uri(run: RunConfig) -> str:
+    """The explicit MLflow tracking URI; workers change directory, so it is always absolute."""
+    if run.tracking_uri:
+        return run.tracking_uri
+    return "sqlite:///" + str((Path(run.output_root) / "mlflow.db").resolve())
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and cross-field rules; returns `cfg` so calls chain."""
+    checks = [
+        (
+            cfg.model.image_size == cfg.data.image_size,
+            "model.image_size must equal data.image_size",
+        ),
+        (
+            cfg.data.image_size >= 32 and cfg.data.image_size % 32 == 0,
+            "data.image_size must be a multiple of 32 (>= 32)",
+        ),
+        (
+            cfg.data.resize == 0 or cfg.data.resize >= cfg.data.image_size,
+            "data.resize must be 0 or >= data.image_size",
+        ),
+        (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (
+            not cfg.data.resampled or cfg.data.steps_per_epoch > 0,
+            "data.steps_per_epoch must be > 0 when data.resampled is true",
+        ),
+        (
+            0 < cfg.mask.min_cover <= cfg.mask.max_cover < 1,
+            "mask cover must satisfy 0 < min_cover <= max_cover < 1",
+        ),
+        (
+            cfg.mask.kind == "center" or cfg.model.full_image_output,
+            f"mask.kind={cfg.mask.kind} needs model.full_image_output=true",
+        ),
+        (cfg.loss.lambda_rec >= 0 and cfg.loss.lambda_adv >= 0, "loss weights must be >= 0"),
+        (cfg.loss.lambda_rec + cfg.loss.lambda_adv > 0, "at least one loss weight must be > 0"),
+        (cfg.train.lr_d > 0 and cfg.train.lr_g > 0, "learning rates must be > 0"),
+        (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
+        (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
+        (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
+    ]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+    return cfg
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`. No silent conversions
+    beyond int -> float and list -> tuple."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        # A list of shard URLs is kept as one comma-separated string (see pipeline.data).
+        return ",".join(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict, rejecting unknown keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown config key(s) {unknown} at {where}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(value, tp, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The inverse of `from_dict`: plain dicts, lists for tuples (YAML- and JSON-safe)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = (
+            to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        )
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params and Tune search spaces use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict copy."""
+    out = yaml.safe_load(yaml.safe_dump(d)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults when `path` is None), apply overrides, validate."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+    d = apply_overrides(d, overrides or [])
+    return validate(from_dict(d))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
