@@ -83,12 +83,16 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # steps between checkpoints (and ray.train.report calls)
     sample_every: int = 200  # steps between inpainting sample grids
+    eval_batches: int = 4  # held-out batches (data.val_shards) scored at each checkpoint
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "context-encoder"  # MLflow experiment name; also the Ray Train run name
+    name: str = "context-encoder"  # MLflow experiment name
+    # Ray Train run name; "" = <name>-<timestamp>. Running again with the same run_name
+    # resumes that run from its last checkpoint (and continues its MLflow run).
+    run_name: str = ""
     output_root: str = "outputs"  # every file a job writes lands under this directory
     tracking_uri: str = ""  # "" = sqlite:///<output_root>/mlflow.db
     address: str = ""  # Ray address; "" = RAY_ADDRESS or a new local Ray
