@@ -1,0 +1,111 @@
+"""Features of one encoder on one split: from the Parquet cache, or one streaming pass.
+
+The pass reads the shards once for all missing layers together (single process), or fans out
+over Ray tasks, each one "rank" of the shard list; rows are sorted by key afterwards, so both
+give identical arrays. Ray is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation import cache
+from evaluation.cache import CacheKey, Features
+from evaluation.features import Encoder, extract, merge
+from pipeline.config import DataConfig, MaskConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which images to read and how: the split's shards and the eval transform."""
+
+    name: str  # "train" / "test"
+    urls: str  # shard pattern for pipeline.data
+    image_size: int
+    batch_size: int = 256
+    max_dim: int = 4096  # pooled feature size per layer (see features.pool)
+
+    def split_key(self) -> str:
+        # The shard list is part of the key: other shards under the same split name never hit.
+        return f"{self.name}-{hashlib.sha256(self.urls.encode()).hexdigest()[:10]}"
+
+    def transform_key(self) -> str:
+        return f"eval{self.image_size}-pool{self.max_dim}"
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=0)
+
+
+def _loader(spec: SplitSpec, rank: int, world_size: int):
+    from pipeline.data import build_loader
+
+    # train=False: the deterministic eval transform (resize + centre crop), no flips, no shuffle.
+    return build_loader(
+        spec.data_config(), MaskConfig(), urls=spec.urls, train=False, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+
+
+def extract_local(encoder: Encoder, layers: Sequence[str], spec: SplitSpec) -> dict[str, Features]:
+    """One process, one pass over all of the split's shards."""
+    return extract(encoder.module, layers, _loader(spec, 0, 1), spec.max_dim)
+
+
+def _extract_part(module, layers, spec: SplitSpec, rank: int, world_size: int):
+    return extract(module, layers, _loader(spec, rank, world_size), spec.max_dim)
+
+
+def extract_ray(
+    encoder: Encoder, layers: Sequence[str], spec: SplitSpec, num_tasks: int
+) -> dict[str, Features]:
+    """Fan out over `num_tasks` Ray tasks (at most one per shard), each its part of the shards;
+    needs a running Ray (ray.init or RAY_ADDRESS). Result identical to `extract_local`."""
+    import ray
+
+    from pipeline.data import expand_urls
+
+    n = max(1, min(num_tasks, len(expand_urls(spec.urls))))
+    module_ref = ray.put(encoder.module)
+    task = ray.remote(num_cpus=1)(_extract_part)
+    parts = ray.get([task.remote(module_ref, list(layers), spec, r, n) for r in range(n)])
+    return merge(parts)
+
+
+def split_features(
+    encoder: Encoder,
+    layers: Sequence[str],
+    spec: SplitSpec,
+    cache_dir: str | Path,
+    *,
+    use_ray: bool = False,
+    ray_tasks: int = 2,
+) -> dict[str, Features]:
+    """Each layer's features on the split: cached files that read back intact are reused; the
+    others are extracted together in one pass and written to the cache."""
+    keys = {
+        layer: CacheKey(encoder.weights, spec.split_key(), spec.transform_key(), layer)
+        for layer in layers
+    }
+    out: dict[str, Features] = {}
+    for layer, key in keys.items():
+        hit = cache.load(key.path(cache_dir))
+        if hit is not None:
+            out[layer] = hit
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        log.info("extracting %s %s layers %s", encoder.name, spec.name, missing)
+        fresh = (
+            extract_ray(encoder, missing, spec, ray_tasks)
+            if use_ray
+            else extract_local(encoder, missing, spec)
+        )
+        for layer in missing:
+            cache.save(fresh[layer], keys[layer].path(cache_dir))
+            out[layer] = fresh[layer]
+    return out

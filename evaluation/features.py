@@ -1,0 +1,208 @@
+"""Frozen features: load an encoder, pool named layers to a fixed size, extract in one pass.
+
+An "encoder" here is anything with `feature_layers` and `encode(x, layers) -> {name: (B,C,h,w)}`:
+the pretrained Generator, the same architecture at random init, or `RawPixels` (the image itself
+as the one layer "pixels"), so every baseline goes through the identical path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from evaluation.cache import Features
+from pipeline.config import Config, ModelConfig
+
+
+class RawPixels(nn.Module):
+    """The raw-pixel baseline: one layer, "pixels", the (B,3,S,S) image in [-1, 1]."""
+
+    feature_layers: tuple[str, ...] = ("pixels",)
+
+    def encode(self, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        return {"pixels": x}
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder: the module, its run config (None for raw pixels), a weights hash."""
+
+    name: str
+    module: nn.Module
+    config: Config | None
+    weights: str  # sha256 of the state dict (+ kind), the feature-cache key
+    source: str  # where it came from, for messages and the MLflow params
+
+
+def weights_hash(module: nn.Module, salt: str = "") -> str:
+    """sha256 over every state-dict entry's name, dtype, shape and bytes (BN buffers too)."""
+    h = hashlib.sha256(salt.encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local checkpoint file for a path or an MLflow `runs:/<id>/encoder[/generator.pt]` URI.
+
+    A folder (local or downloaded) must hold `generator.pt`. Raises FileNotFoundError naming the
+    URI and the path it resolved to.
+    """
+    if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow.artifacts  # only when asked: the library never imports MLflow eagerly
+
+        path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(download_dir), tracking_uri=tracking_uri
+            )
+        )
+    else:
+        path = Path(uri).expanduser()
+    if path.is_dir():
+        path = path / "generator.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder checkpoint {uri!r} not found (looked for {path})")
+    return path
+
+
+def load_encoder(
+    name: str, uri: str, download_dir: str | Path, tracking_uri: str | None = None
+) -> Encoder:
+    """Load a pretrained generator (frozen, eval mode) from a path or `runs:/` URI."""
+    from pipeline.checkpoint import load_generator
+
+    path = resolve_checkpoint(uri, download_dir, tracking_uri)
+    g, cfg = load_generator(path)
+    g.eval().requires_grad_(False)
+    return Encoder(name=name, module=g, config=cfg, weights=weights_hash(g), source=uri)
+
+
+def random_init_encoder(config: Config, seed: int = 0, name: str = "random_init") -> Encoder:
+    """The same architecture at its METHOD.md initialisation, from a fixed seed."""
+    from pipeline.model import build_generator
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        g = build_generator(config.model)
+    g.eval().requires_grad_(False)
+    return Encoder(name, g, config, weights_hash(g, f"random_init/{seed}"), f"random_init:{seed}")
+
+
+def raw_pixels_encoder(name: str = "raw_pixels") -> Encoder:
+    return Encoder(name, RawPixels(), None, hashlib.sha256(b"raw_pixels").hexdigest(), "pixels")
+
+
+def check_layers(encoder: Encoder, layers: Sequence[str] | None) -> tuple[str, ...]:
+    """The layers to extract: `layers` (all must exist) or all of the encoder's layers."""
+    available = tuple(encoder.module.feature_layers)
+    if isinstance(encoder.module, RawPixels) or not layers:
+        return available
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        raise ValueError(
+            f"encoder {encoder.name!r} ({encoder.source}) has no layer(s) {missing}; "
+            f"requested {list(layers)}, available {list(available)}"
+        )
+    return tuple(layers)
+
+
+def check_image_size(encoder: Encoder, image_size: int) -> None:
+    """An encoder trained at one input size cannot be probed at another."""
+    if encoder.config is not None and encoder.config.model.image_size != image_size:
+        raise ValueError(
+            f"encoder {encoder.name!r} ({encoder.source}) expects image_size "
+            f"{encoder.config.model.image_size}, but the evaluation uses {image_size}"
+        )
+
+
+def pooled_side(channels: int, side: int, max_dim: int) -> int:
+    """The largest p <= side with channels * p * p <= max_dim (at least 1)."""
+    p = side
+    while p > 1 and channels * p * p > max_dim:
+        p -= 1
+    return p
+
+
+def pool(t: Tensor, max_dim: int) -> Tensor:
+    """(B,C,h,w) -> (B, C*p*p) float32: adaptive average pooling to p x p, as VISSL's
+    fixed-size pooling, so every layer's feature has at most max_dim dimensions (unless C alone
+    exceeds it)."""
+    if t.ndim == 2:
+        return t.float()
+    p = pooled_side(t.shape[1], min(t.shape[2], t.shape[3]), max_dim)
+    return nn.functional.adaptive_avg_pool2d(t.float(), p).flatten(1)
+
+
+def _finish(keys: list[str], labels: list[np.ndarray], parts: list[np.ndarray]) -> Features:
+    """Concatenate, sort by key and drop repeated keys, so any split of the work gives the same
+    rows in the same order."""
+    k = np.asarray(keys, dtype=object)
+    order = np.argsort(k.astype(str), kind="stable")
+    k = k[order]
+    first = np.ones(len(k), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    return Features(
+        keys=k[first],
+        labels=np.concatenate(labels)[order][first],
+        x=np.concatenate(parts)[order][first],
+    )
+
+
+def extract(
+    module: nn.Module, layers: Sequence[str], batches: Iterable[dict], max_dim: int
+) -> dict[str, Features]:
+    """One pass over `batches`: every layer in `layers`, pooled, for the clean images.
+
+    Rows where batch["valid"] is False (padding repeats) are dropped; rows come back sorted by
+    key. Eval mode, no gradients.
+    """
+    module.eval()
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    with torch.inference_mode():
+        for batch in batches:
+            valid = (
+                batch["valid"].bool()
+                if "valid" in batch
+                else torch.ones(len(batch["key"]), dtype=torch.bool)
+            )
+            if not valid.any():
+                continue
+            out = module.encode(batch["image"][valid], list(layers))
+            for layer in layers:
+                parts[layer].append(pool(out[layer], max_dim).numpy())
+            keys.extend(k for k, v in zip(batch["key"], valid.tolist(), strict=True) if v)
+            labels.append(batch["label"][valid].numpy().astype(np.int64))
+    if not keys:
+        raise ValueError("feature extraction saw no valid samples (empty shards?)")
+    return {layer: _finish(keys, labels, parts[layer]) for layer in layers}
+
+
+def merge(parts: Sequence[dict[str, Features]]) -> dict[str, Features]:
+    """Join per-worker extractions (each sorted) into the single-process result."""
+    layers = parts[0].keys()
+    out = {}
+    for layer in layers:
+        chosen = [p[layer] for p in parts if len(p[layer].keys)]
+        out[layer] = _finish(
+            [k for f in chosen for k in f.keys], [f.labels for f in chosen], [f.x for f in chosen]
+        )
+    return out
+
+
+def model_config_of(encoders: Sequence[Encoder], image_size: int) -> Config:
+    """The run config the random-init baseline copies: the first pretrained encoder's, or the
+    default architecture at `image_size` when only baselines are evaluated."""
+    for e in encoders:
+        if e.config is not None:
+            return e.config
+    return Config(model=ModelConfig(image_size=image_size))

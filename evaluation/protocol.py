@@ -1,0 +1,208 @@
+"""The evaluation protocol: the same steps for every encoder and baseline, one long table.
+
+For each encoder (the given ones, then the baselines "random_init" - the first encoder's
+architecture at a fixed seed - and "raw_pixels"): frozen features per layer on train and test
+(cached), a linear probe (C chosen on a split of train) and a kNN classifier on them; for every
+generator, inpainting quality on the held-out (test) split. Writes table.parquet, table.csv,
+probe_accuracy.png, confusion.png and inpaint_<encoder>.png into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from evaluation import report
+from evaluation.cache import Features
+from evaluation.extraction import SplitSpec, split_features
+from evaluation.features import (
+    Encoder,
+    check_image_size,
+    check_layers,
+    load_encoder,
+    model_config_of,
+    random_init_encoder,
+    raw_pixels_encoder,
+)
+from evaluation.inpainting import evaluate_inpainting
+from evaluation.knn import knn_classify
+from evaluation.probe import ProbeSettings, fit_probe, predict, score_probe
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT, RAW_PIXELS = "random_init", "raw_pixels"
+INPAINT_LAYER = "output"  # the table's layer for inpainting rows (the decoder's output)
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """Everything besides the encoders and the data that shapes the numbers."""
+
+    batch_size: int = 256
+    max_dim: int = 4096  # pooled feature size per layer
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    inpaint_images: int = 2000  # held-out images scored for inpainting (0 = the whole split)
+    baselines: tuple[str, ...] = (RANDOM_INIT, RAW_PIXELS)
+    seed: int = 0  # random-init baseline weights
+
+
+def _layer_metrics(
+    train: Features, test: Features, s: ProtocolSettings
+) -> tuple[dict[str, float], np.ndarray]:
+    """Probe + kNN on one layer: (metrics, test predictions of the probe)."""
+    fit = fit_probe(train.x, train.labels, s.probe)
+    metrics = score_probe(fit, test.x, test.labels)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    metrics |= knn_classify(
+        train.x,
+        train.labels,
+        test.x,
+        test.labels,
+        num_classes=num_classes,
+        k=s.knn_k,
+        temperature=s.knn_temperature,
+    )
+    metrics["feature_dim"] = float(train.x.shape[1])
+    return metrics, predict(fit, test.x)
+
+
+def _inpaint_batches(encoder: Encoder, urls: str, image_size: int, s: ProtocolSettings):
+    """Held-out batches with the encoder's own mask config (train=False: deterministic masks)."""
+    from pipeline.config import DataConfig
+    from pipeline.data import build_loader
+
+    data = DataConfig(image_size=image_size, batch_size=min(s.batch_size, 128), num_workers=0)
+    seen = 0
+    for batch in build_loader(data, encoder.config.mask, urls=urls, train=False, seed=s.seed):
+        yield batch
+        seen += int(batch["valid"].sum())
+        if s.inpaint_images and seen >= s.inpaint_images:
+            return
+
+
+def _inpaint(encoder: Encoder, urls: str, image_size: int, s: ProtocolSettings, out_dir: Path):
+    from pipeline.trainer import inpaint
+
+    g, model_cfg = encoder.module, encoder.config.model
+    g.eval()
+    with torch.inference_mode():
+        metrics, fill, grid = evaluate_inpainting(
+            _inpaint_batches(encoder, urls, image_size, s),
+            lambda b: inpaint(g, b, model_cfg),
+            grid_scale=max(1, 128 // image_size),
+        )
+    grid.save(out_dir / f"inpaint_{encoder.name}.png")
+    return metrics, fill
+
+
+def load_all(
+    encoders: dict[str, str | None],
+    image_size: int,
+    s: ProtocolSettings,
+    download_dir: Path,
+    tracking_uri: str | None,
+) -> list[Encoder]:
+    """The given encoders (loaded), then the baselines, all checked against `image_size`."""
+    if any(name in s.baselines for name in encoders):
+        raise ValueError(f"encoder names {list(encoders)} clash with the baselines {s.baselines}")
+    loaded = []
+    for name, uri in encoders.items():
+        if uri is None:
+            raise ValueError(f"encoder {name!r} has no checkpoint path or runs:/ URI")
+        loaded.append(load_encoder(name, uri, download_dir, tracking_uri))
+    if RANDOM_INIT in s.baselines:
+        loaded.append(random_init_encoder(model_config_of(loaded, image_size), s.seed))
+    if RAW_PIXELS in s.baselines:
+        loaded.append(raw_pixels_encoder())
+    for e in loaded:
+        check_image_size(e, image_size)
+    return loaded
+
+
+def _class_names(urls: str) -> list[str] | None:
+    """classes.json beside local shards (as in the CIFAR-10 folder), if there is one."""
+    first = Path(urls.split(",")[0].split("{")[0]).parent / "classes.json"
+    try:
+        names = json.loads(first.read_text())
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) else None
+
+
+def evaluate_encoders(
+    encoders: dict[str, str | None],
+    *,
+    train_urls: str,
+    test_urls: str,
+    layers: Sequence[str] | None,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    image_size: int,
+    settings: ProtocolSettings = ProtocolSettings(),
+    tracking_uri: str | None = None,
+    use_ray: bool = False,
+    ray_tasks: int = 2,
+) -> pd.DataFrame:
+    """Run the protocol; returns the long table (encoder, layer, metric, value).
+
+    `encoders`: name -> checkpoint path or MLflow runs:/ URI. `layers`: encoder layers to probe
+    (None = all; raw pixels always use "pixels"). `use_ray` fans extraction out over Ray tasks
+    (a Ray must be running or reachable). Nothing is selected on the test split.
+    """
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_all(encoders, image_size, settings, cache_dir / "downloads", tracking_uri)
+    spec = {
+        name: SplitSpec(name, urls, image_size, settings.batch_size, settings.max_dim)
+        for name, urls in (("train", train_urls), ("test", test_urls))
+    }
+    rows: list[dict] = []
+    fills: dict[str, dict[str, float]] = {}  # mask kind -> mean-fill baseline metrics
+    predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for enc in loaded:
+        chosen = check_layers(enc, layers)
+        feats = {
+            split: split_features(enc, chosen, sp, cache_dir, use_ray=use_ray, ray_tasks=ray_tasks)
+            for split, sp in spec.items()
+        }
+        for layer in chosen:
+            metrics, pred = _layer_metrics(feats["train"][layer], feats["test"][layer], settings)
+            rows += report.rows_for(enc.name, layer, metrics)
+            predictions[enc.name, layer] = (feats["test"][layer].labels, pred)
+            log.info("%s/%s: %s", enc.name, layer, metrics)
+        if enc.config is not None:
+            metrics, fills[enc.config.mask.kind] = _inpaint(
+                enc, test_urls, image_size, settings, out_dir
+            )
+            rows += report.rows_for(enc.name, INPAINT_LAYER, metrics)
+    # The mean-colour fill (the masked input itself) is the floor every inpainter must beat;
+    # masks are deterministic per key, so one row per mask kind.
+    for kind, fill in fills.items():
+        rows += report.rows_for("mean_fill", f"{INPAINT_LAYER}:{kind}", fill)
+    table = report.make_table(rows)
+    _write_outputs(table, predictions, out_dir, _class_names(test_urls))
+    return table
+
+
+def _write_outputs(
+    table: pd.DataFrame,
+    predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    out_dir: Path,
+    class_names: list[str] | None,
+) -> None:
+    report.write_table(table, out_dir)
+    if predictions:
+        report.accuracy_bar_chart(table, out_dir / "probe_accuracy.png")
+        best = report.best_layer(table)
+        y_true, y_pred = predictions[best]
+        title = f"Confusion matrix, best probe: {best[0]} / {best[1]}"
+        report.confusion_matrix_plot(y_true, y_pred, class_names, out_dir / "confusion.png", title)
