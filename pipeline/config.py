@@ -203,6 +203,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(
             _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
         )
+    if origin in (dict, list):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{key}: expected a {origin.__name__}, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, list) and all(isinstance(v, str) for v in value):

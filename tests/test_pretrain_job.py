@@ -1,0 +1,258 @@
+"""The pretrain job on a real local Ray, a real MLflow store in a temp dir, real CIFAR-10 shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.tracking import RUN_NAME_TAG, TrackingUnavailableError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path: Path, train: str, val: str, **extra: object) -> list[str]:
+    """Overrides for a seconds-long run: 32 px, narrow nets, small batches."""
+    base = {
+        "data.train_shards": train,
+        "data.val_shards": val,
+        "data.image_size": 32,
+        "model.image_size": 32,
+        "model.width": 8,
+        "model.bottleneck": 32,
+        "data.batch_size": 8,
+        "data.shuffle_buffer": 64,
+        "train.max_steps": 12,
+        "train.log_every": 2,
+        "train.checkpoint_every": 6,
+        "train.sample_every": 6,
+        "train.eval_batches": 1,
+        "run.output_root": str(tmp_path / "out"),
+        "run.name": "test-pretrain",
+        "run.num_workers": 2,
+        "run.max_failures": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def mlflow_run(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    return c, runs
+
+
+@pytest.fixture()
+def cifar_small(cifar_dir: Path) -> tuple[str, str]:
+    return str(cifar_dir / "cifar10-train-000000.tar"), str(cifar_dir / "cifar10-test-000000.tar")
+
+
+def test_two_workers_complete_and_track(tmp_path, ray_local, cifar_small):
+    from jobs.pretrain import main
+
+    train, val = cifar_small
+    res = main(tiny(tmp_path, train, val, **{"run.run_name": "two-workers"}))
+
+    assert res.checkpoint_path is not None and Path(res.checkpoint_path, "checkpoint.pt").is_file()
+    assert res.metrics["step"] == 12
+    assert res.tracking_uri.startswith("sqlite:///") and str(tmp_path) in res.tracking_uri
+    c, runs = mlflow_run(res.tracking_uri, "test-pretrain")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_NAME_TAG] == "two-workers"
+    assert run.data.tags["ce.steps_per_rank"] == "12,12"  # both ranks ran every step
+    assert run.data.params["train.max_steps"] == "12"
+    assert run.data.params["run.num_workers"] == "2"
+    for key in ("rec", "g_total", "images_per_s", "val_rec_l2"):
+        assert key in run.data.metrics, key
+    history = c.get_metric_history(run.info.run_id, "rec")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "encoder", "samples"} <= artifacts
+    samples = [a.path for a in c.list_artifacts(run.info.run_id, "samples")]
+    assert samples and all(p.endswith(".png") for p in samples)
+
+    # The logged encoder is what evaluation loads by a runs:/ URI.
+    import mlflow.artifacts
+
+    from pipeline.checkpoint import load_generator
+
+    uri = f"runs:/{run.info.run_id}/encoder/generator.pt"
+    path = mlflow.artifacts.download_artifacts(uri, tracking_uri=res.tracking_uri)
+    g, cfg = load_generator(path)
+    assert cfg.model.width == 8 and cfg.data.image_size == 32
+    assert sum(p.numel() for p in g.parameters()) > 0
+
+
+def test_typo_key_fails_before_anything_starts(tmp_path):
+    from jobs.pretrain import main
+
+    with pytest.raises(ConfigError, match="max_stpes"):
+        main(["train.max_stpes=3", f"run.output_root={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected int"):
+        main(["train.max_steps=many", f"run.output_root={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, cifar_small):
+    from jobs.pretrain import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    args = tiny(tmp_path, *cifar_small, **{"run.tracking_uri": f"http://127.0.0.1:{port}"})
+    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port}"):
+        main(args)
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "out" / "ray_results").exists()
+
+
+def test_missing_shards_fail_naming_the_pattern(tmp_path):
+    from jobs.pretrain import main
+
+    pattern = str(tmp_path / "nothing-{000000..000003}.tar")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        main(tiny(tmp_path, pattern, ""))
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::RayTrainWorker"):
+                pids.append(int(d.name))
+    return pids
+
+
+def _wait_for_checkpoint(root: Path, timeout_s: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if any(root.glob("**/checkpoint_*/checkpoint.pt")):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint under {root} after {timeout_s}s")
+
+
+@pytest.mark.slow
+def test_killed_worker_recovers_from_checkpoint(tmp_path, ray_local, cifar_small):
+    from jobs.pretrain import main
+
+    args = tiny(
+        tmp_path, *cifar_small,
+        **{"run.run_name": "fault", "run.max_failures": 2, "train.max_steps": 400,
+           "train.checkpoint_every": 20, "train.log_every": 20},
+    )  # fmt: skip
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        _wait_for_checkpoint(tmp_path / "out" / "ray_results")
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    res = main(args)
+    killer.join(timeout=5)
+
+    assert killed, "the test never found a worker to kill"
+    assert res.metrics["step"] == 400
+    c, runs = mlflow_run(res.tracking_uri, "test-pretrain")
+    (run,) = runs
+    resumed = c.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert resumed and all(m.value >= 20 and m.value % 20 == 0 for m in resumed)
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
+    """Stop the driver process after its first checkpoint, run the same command again."""
+    args = tiny(
+        tmp_path, *cifar_small,
+        **{"run.run_name": "resumable", "run.num_workers": 1, "train.max_steps": 300,
+           "train.checkpoint_every": 20, "train.log_every": 20},
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "jobs.pretrain", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for_checkpoint(tmp_path / "out" / "ray_results")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "(resumed)" in second.stdout
+    uri = "sqlite:///" + str((tmp_path / "out" / "mlflow.db").resolve())
+    c, runs = mlflow_run(uri, "test-pretrain")
+    (run,) = runs  # the same MLflow run continued, not a second one
+    resumed = c.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert [m.value >= 20 for m in resumed] == [True]
+    assert run.info.status == "FINISHED"
+    assert max(m.step for m in c.get_metric_history(run.info.run_id, "rec")) == 300
+
+
+def test_loaded_yaml_configs_are_valid():
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.model.image_size == cfg.data.image_size, path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
+    """`ray start --head`, then `ray job submit` of the job, as a user on a cluster would."""
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        args = tiny(tmp_path, *cifar_small, **{"run.run_name": "submitted"})
+        submit = [
+            "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+            "--working-dir", str(REPO), "--", "python", "-m", "jobs.pretrain", *args,
+        ]  # fmt: skip
+        for _ in range(60):  # the dashboard takes a few seconds to come up
+            out = subprocess.run(submit, capture_output=True, text=True, timeout=400)
+            if "Failed to connect" not in out.stdout + out.stderr:
+                break
+            time.sleep(2)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        assert "succeeded" in log and "Ray cluster at" in log
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    uri = "sqlite:///" + str((tmp_path / "out" / "mlflow.db").resolve())
+    _, runs = mlflow_run(uri, "test-pretrain")
+    assert [r.data.tags[RUN_NAME_TAG] for r in runs] == ["submitted"]
+    assert runs[0].info.status == "FINISHED"
