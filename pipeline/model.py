@@ -140,7 +140,9 @@ def _alexnet_encoder(cfg: ModelConfig) -> tuple[nn.ModuleDict, int, int]:
     stride, n = alexnet_geometry(cfg.image_size)
     c1, c2, c3, c4, c5 = (max(1, round(c * cfg.width / 64)) for c in ALEXNET_CHANNELS)
     k1 = 2 * stride + 3  # 11 at stride 4 as in AlexNet; padding keeps S / stride exactly
-    pool = nn.MaxPool2d(3, 2, 1)  # stateless; halves an even side exactly
+
+    def pool() -> nn.Module:  # 3x3 stride 2 as AlexNet; padding 1 halves an even side exactly
+        return nn.MaxPool2d(3, 2, 1)
 
     def conv(c_in: int, c_out: int, k: int, s: int = 1, p: int | None = None) -> list[nn.Module]:
         p = k // 2 if p is None else p
@@ -148,12 +150,12 @@ def _alexnet_encoder(cfg: ModelConfig) -> tuple[nn.ModuleDict, int, int]:
 
     # BatchNorm after every conv (AlexNet used LRN) so Adam trains it from scratch reliably.
     stages = {
-        "conv1": nn.Sequential(*conv(3, c1, k1, stride, (stride + 4) // 2), pool),  # S/(2s)
-        "conv2": nn.Sequential(*conv(c1, c2, 5), pool),  # S/(4s)
+        "conv1": nn.Sequential(*conv(3, c1, k1, stride, (stride + 4) // 2), pool()),  # S/(2s)
+        "conv2": nn.Sequential(*conv(c1, c2, 5), pool()),  # S/(4s)
         "conv3": nn.Sequential(*conv(c2, c3, 3)),
         "conv4": nn.Sequential(*conv(c3, c4, 3)),
         "conv5": nn.Sequential(*conv(c4, c5, 3)),
-        "pool5": pool,  # (B, m, n, n), n = S/(8s)
+        "pool5": pool(),  # (B, m, n, n), n = S/(8s)
         "bottleneck": nn.Sequential(  # channel-wise FC, then a 1x1 conv to mix channels
             ChannelwiseFC(c5, n),
             nn.BatchNorm2d(c5),

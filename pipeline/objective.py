@@ -24,6 +24,8 @@ def region(t: Tensor, model: ModelConfig) -> Tensor:
     s, side = t.shape[-1], target_size(model)
     if s != model.image_size:
         raise ValueError(f"region: tensor side {s} != model.image_size {model.image_size}")
+    if side == s:
+        return t
     lo = (s - side) // 2
     return t[..., lo : lo + side, lo : lo + side]
 

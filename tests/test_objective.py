@@ -1,0 +1,119 @@
+"""Each loss against its formula computed by hand on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import LossConfig, ModelConfig
+from pipeline.objective import (
+    discriminator_loss,
+    generator_loss,
+    reconstruction_loss,
+    region,
+)
+
+
+def sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def test_region_crops_the_centre_half_or_keeps_the_full_image():
+    t = torch.arange(2 * 1 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32)
+    c = region(t, ModelConfig(image_size=32))
+    assert c.shape == (2, 1, 16, 16)
+    assert c[0, 0, 0, 0] == t[0, 0, 8, 8] and c[1, 0, 15, 15] == t[1, 0, 23, 23]
+    assert region(t, ModelConfig(image_size=32, full_image_output=True)) is t
+    with pytest.raises(ValueError, match="image_size"):
+        region(t, ModelConfig(image_size=64))
+
+
+def test_centre_l2_weights_the_visible_ring_ten_times():
+    # 4x4 target, interior 2x2 dropped (mask 1), ring visible (mask 0), weight 10.
+    pred = torch.zeros(1, 1, 4, 4)
+    target = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4) / 16
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1
+    by_hand = 0.0
+    for i in range(4):
+        for j in range(4):
+            w = 1.0 if 1 <= i <= 2 and 1 <= j <= 2 else 10.0
+            by_hand += w * (target[0, 0, i, j].item() ** 2)
+    by_hand /= 16  # mean over all elements, as the released code
+    got = reconstruction_loss(pred, target, mask, LossConfig(), centre=True)
+    assert got.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("visible_weight", [0.0, 0.25])
+def test_random_mask_l2_covers_dropped_pixels_with_optional_visible_weight(visible_weight):
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    mask = (torch.rand(2, 1, 5, 5) < 0.3).float()
+    by_hand = 0.0
+    for b in range(2):
+        for c in range(3):
+            for i in range(5):
+                for j in range(5):
+                    w = 1.0 if mask[b, 0, i, j] else visible_weight
+                    by_hand += w * (pred[b, c, i, j] - target[b, c, i, j]).item() ** 2
+    by_hand /= 2 * 3 * 5 * 5
+    loss = LossConfig(visible_weight=visible_weight)
+    got = reconstruction_loss(pred, target, mask, loss, centre=False)
+    assert got.item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_reconstruction_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not match"):
+        reconstruction_loss(
+            torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 8, 8), torch.zeros(1, 1, 4, 4),
+            LossConfig(), centre=True,
+        )  # fmt: skip
+
+
+def test_generator_loss_is_joint_with_each_weight_applied_once():
+    pred, target = torch.full((1, 1, 2, 2), 0.5), torch.zeros(1, 1, 2, 2)
+    mask = torch.ones(1, 1, 2, 2)  # all dropped: rec = 0.25
+    logits = torch.tensor([0.3, -1.2])
+    adv_by_hand = -(math.log(sigmoid(0.3)) + math.log(sigmoid(-1.2))) / 2  # non-saturating
+    loss = LossConfig(lambda_rec=0.999, lambda_adv=0.001)
+    out = generator_loss(pred, target, mask, loss, centre=True, fake_logits=logits)
+    assert out["loss_rec"].item() == pytest.approx(0.25)
+    assert out["loss_adv"].item() == pytest.approx(adv_by_hand, rel=1e-6)
+    assert out["loss_g"].item() == pytest.approx(0.999 * 0.25 + 0.001 * adv_by_hand, rel=1e-6)
+
+
+def test_generator_loss_without_adversary_needs_no_logits():
+    pred, target, mask = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    out = generator_loss(pred, target, mask, LossConfig(lambda_rec=0.5, lambda_adv=0.0), True)
+    assert set(out) == {"loss_g", "loss_rec"}
+    assert out["loss_g"].item() == pytest.approx(0.5)  # 0.5 * 1.0, not 0.5 * 0.5 * 1.0
+    with pytest.raises(ValueError, match="fake_logits"):
+        generator_loss(pred, target, mask, LossConfig(), True, fake_logits=None)
+
+
+def test_discriminator_loss_by_hand():
+    real, fake = torch.tensor([2.0, -0.5]), torch.tensor([0.1, -3.0])
+    out = discriminator_loss(real, fake)
+    d_real = -(math.log(sigmoid(2.0)) + math.log(sigmoid(-0.5))) / 2
+    d_fake = -(math.log(1 - sigmoid(0.1)) + math.log(1 - sigmoid(-3.0))) / 2
+    assert out["loss_d_real"].item() == pytest.approx(d_real, rel=1e-6)
+    assert out["loss_d_fake"].item() == pytest.approx(d_fake, rel=1e-6)
+    assert out["loss_d"].item() == pytest.approx(d_real + d_fake, rel=1e-6)
+    assert out["d_x"].item() == pytest.approx((sigmoid(2.0) + sigmoid(-0.5)) / 2, rel=1e-6)
+    assert out["d_g_z"].item() == pytest.approx((sigmoid(0.1) + sigmoid(-3.0)) / 2, rel=1e-6)
+
+
+def test_losses_stay_finite_and_fp32_for_extreme_bf16_logits():
+    # A sigmoid + BCELoss pipeline gives log(0) = -inf here; BCE-with-logits does not.
+    real = torch.tensor([-200.0, 150.0], dtype=torch.bfloat16)
+    fake = torch.tensor([300.0, -90.0], dtype=torch.bfloat16)
+    out = discriminator_loss(real, fake)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    assert out["loss_d_real"].item() == pytest.approx(100.0, rel=1e-2)  # (200 + 0) / 2
+    g = generator_loss(
+        torch.zeros(1, 3, 2, 2, dtype=torch.bfloat16), torch.zeros(1, 3, 2, 2),
+        torch.ones(1, 1, 2, 2), LossConfig(), True, fake_logits=fake,
+    )  # fmt: skip
+    assert torch.isfinite(g["loss_g"]) and g["loss_adv"].item() == pytest.approx(45.0, rel=1e-2)
