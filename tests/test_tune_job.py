@@ -1,0 +1,109 @@
+"""The Tune search on a real local Ray, real CIFAR-10 shards, a real MLflow store in tmp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+
+
+def write_configs(tmp_path: Path, cifar_dir: Path, space: dict, **tune_extra) -> Path:
+    pretrain = {
+        "data": {
+            "train_shards": str(cifar_dir / "cifar10-train-000000.tar"),
+            "val_shards": str(cifar_dir / "cifar10-test-000000.tar"),
+            "image_size": 32, "batch_size": 8, "shuffle_buffer": 64,
+        },
+        "model": {"image_size": 32, "width": 8, "bottleneck": 32},
+        "train": {"max_steps": 6, "checkpoint_every": 3, "log_every": 3, "eval_batches": 1},
+        "run": {"name": "tune-test", "output_root": str(tmp_path / "out"), "num_workers": 1,
+                "max_failures": 0},
+    }  # fmt: skip
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
+    tune = {
+        "name": "search",
+        "pretrain_config": "pretrain.yaml",
+        "overrides": {"train.max_steps": 6},
+        "space": space,
+        "num_samples": 3,
+        "objective": "knn_top1",
+        "probe": {"train_samples": 64, "val_samples": 32},
+        **tune_extra,
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(tune))
+    return path
+
+
+SPACE = {
+    "loss.lambda_adv": {"loguniform": [1.0e-4, 1.0e-1], "zero_prob": 0.3},
+    "train.lr_g": {"loguniform": [1.0e-4, 3.0e-3]},
+    "mask.kind": {"choice": ["center", "random_block"]},
+}
+
+
+@pytest.mark.slow
+def test_three_trial_search(tmp_path, ray_local, cifar_dir):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tune import main
+
+    res = main(["--config", str(write_configs(tmp_path, cifar_dir, SPACE))])
+
+    table = res.table
+    assert len(table) == 3
+    assert table["knn_top1"].between(0, 1).all()
+    assert table["val_rec_l2"].gt(0).all()  # both scores recorded, whichever ranks
+    root = tmp_path / "out" / "tune" / "search"
+    assert (root / "trials.parquet").is_file() and (root / "trials.csv").is_file()
+
+    best = load_config(res.best_config_path)  # jobs.pretrain accepts it as is
+    assert best.run.run_name == ""  # a fresh run, not a trial's
+    best_row = table.iloc[0]
+    assert best.train.lr_g == pytest.approx(best_row["config/train.lr_g"])
+
+    c = MlflowClient(tracking_uri=res.tracking_uri)
+    exp = c.get_experiment_by_name("tune-test")
+    runs = c.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
+    assert len(children) == 3
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all("knn_top1" in r.data.metrics for r in children)
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    names = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"trials.parquet", "trials.csv", "best_config.yaml"} <= names
+
+
+@pytest.mark.parametrize(
+    "space, match",
+    [
+        ({"loss.lambda_adv": {"uniform": [-0.5, 0.1]}}, "loss weights must be >= 0"),
+        ({"mask.kind": {"choice": []}}, "non-empty list"),
+        ({"train.lr_g": {"loguniform": [0.0, 1.0e-3]}}, "0 < low < high"),
+        ({"loss.lambda_advv": {"uniform": [0.0, 0.1]}}, "not a config key"),
+        ({"mask.kind": {"choice": ["centre"]}}, "is not one of"),
+    ],
+)
+def test_impossible_space_is_a_clear_error(tmp_path, cifar_dir, space, match):
+    from jobs.tune import build_space, load_settings
+
+    settings, base = load_settings(write_configs(tmp_path, cifar_dir, space))
+    with pytest.raises(ConfigError, match=match):
+        build_space(settings, base)
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_concurrency_leaves_room_for_workers(tmp_path, cifar_dir):
+    from jobs.tune import concurrent_trials, load_settings
+    from pipeline.config import from_dict
+
+    settings, base = load_settings(write_configs(tmp_path, cifar_dir, SPACE))
+    cfg = from_dict(base)
+    assert concurrent_trials(settings, cfg, cluster_cpus=2) == 2  # 1 worker x 1 CPU each
+    two = from_dict({**base, "run": {**base["run"], "num_workers": 2}})
+    assert concurrent_trials(settings, two, cluster_cpus=2) == 1
+    assert concurrent_trials(settings, two, cluster_cpus=1) == 1  # never 0
