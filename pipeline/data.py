@@ -1,0 +1,422 @@
+"""One entry point for data: `build_loader` turns WebDataset shards into masked batches for one
+epoch of one rank. No Ray, no MLflow here: the same loader runs in a plain process and inside
+Ray Train workers (rank and world size are arguments, never read from the environment).
+
+Epoch mode (exactly once, equal steps). The epoch's shard order is shuffled with (seed, epoch),
+the same on every rank, which lays all N samples (counts from `shard_sample_counts`) on one
+index line. Rank r owns the contiguous range [r*N//W, (r+1)*N//W) and runs
+S = ceil(ceil(N/W) / B) steps. Its range is cut into S batches whose sizes differ by at most
+one (so the per-rank remainder is spread over all steps: no batch of 1 at the end, which
+BatchNorm on a 1x1 bottleneck cannot train on, and every batch is <= B). Only when a rank owns
+fewer than S samples (N < W, or B = 1) does a batch start empty; it is padded with repeats of
+real samples marked valid=False. Before batching, each window of ~shuffle_buffer samples is
+permuted (seed, epoch, rank, window), so batches mix samples from across the window.
+Batch j goes to loader worker j % num_workers, which the DataLoader's round-robin returns in
+order; a worker reads only the shards its batches touch and reads (never decodes) the members
+of samples that are not its own. A batch's composition therefore depends on neither the number
+of loader workers nor `start_batch`, which makes resuming exact.
+
+Bad samples (undecodable image, no image, bad label, samples lost to a truncated or corrupt
+tar) shrink their batch instead of shifting later ones, and are counted in `batch["skipped"]`.
+A batch that loses every sample is refilled with repeats of the worker's last good samples,
+valid=False, so step counts stay equal.
+
+Resampled mode: each loader worker draws shards with replacement (seeded by seed, epoch, rank,
+worker and start_batch), streams their samples through a shuffle buffer, and the rank yields
+exactly `data.steps_per_epoch` full batches. A resumed epoch gets a fresh draw, not the same
+samples (they were random draws anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig, MaskConfig
+from pipeline.masks import batch_masks, fill_masked
+from pipeline.remote import open_url, register_fsspec_handlers, url_scheme
+from pipeline.shards_read import (
+    TarReadError,
+    expand_urls,
+    iter_tar_samples,
+    shard_sample_counts,
+)
+from pipeline.transforms import (
+    BadSample,
+    center_crop,
+    decode_resized,
+    image_member,
+    parse_label,
+    sample_seed,
+    train_crop,
+)
+
+__all__ = ["Loader", "build_loader", "expand_urls", "shard_sample_counts"]
+
+log = logging.getLogger(__name__)
+
+Raw = tuple[str, str, dict[str, bytes]]  # (key, shard url, {ext: bytes})
+
+
+# ---- per-sample and per-batch work ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What turns raw samples into a batch; small and picklable for loader workers."""
+
+    data: DataConfig
+    mask: MaskConfig
+    train: bool
+    epoch: int
+    seed: int
+
+    @property
+    def short_side(self) -> int:
+        return self.data.resize or self.data.image_size
+
+
+def decode_sample(
+    spec: SampleSpec, key: str, sample: dict[str, bytes]
+) -> tuple[np.ndarray, int | None]:
+    """(S, S, 3) uint8 crop and label of one raw sample; raises BadSample."""
+    label = parse_label(sample)
+    img = decode_resized(image_member(sample), spec.short_side)
+    size = spec.data.image_size
+    if spec.train:
+        rseed = sample_seed(spec.seed, spec.epoch, key)
+        return train_crop(img, size, rseed, spec.data.flip), label
+    return center_crop(img, size), label
+
+
+def decode_many(spec: SampleSpec, raws: list[Raw]) -> tuple[list, int]:
+    """Decoded (key, pixels, label) of the good samples, and how many were skipped. Samples
+    missing `cls` in a batch where others have it count as bad (a label is never invented)."""
+    good, skipped = [], 0
+    for key, url, sample in raws:
+        try:
+            pixels, label = decode_sample(spec, key, sample)
+        except BadSample as e:
+            log.warning("skipping sample %s in %s: %s", key, url, e)
+            skipped += 1
+            continue
+        good.append((key, pixels, label))
+    if any(g[2] is not None for g in good) and any(g[2] is None for g in good):
+        keep = [g for g in good if g[2] is not None]
+        log.warning("skipping %d samples without a cls label", len(good) - len(keep))
+        skipped += len(good) - len(keep)
+        good = keep
+    return good, skipped
+
+
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / 127.5 - 1.0  # lookup: byte -> [-1, 1]
+
+
+def collate(spec: SampleSpec, good: list, valid: list[bool], skipped: int) -> dict[str, Any]:
+    """The batch dict of the contract (see build_loader)."""
+    size = spec.data.image_size
+    keys = [g[0] for g in good]
+    # numpy, not torch: single-threaded, so N loader workers do not oversubscribe the cores.
+    pixels = np.stack([g[1] for g in good])  # (B, S, S, 3) uint8
+    image = _UINT8_TO_UNIT[pixels].transpose(0, 3, 1, 2).copy()  # (B, 3, S, S) in [-1, 1]
+    mask = batch_masks(spec.mask, size, [sample_seed(spec.seed, spec.epoch, k) for k in keys])
+    batch = {
+        "image": torch.from_numpy(image),
+        "input": torch.from_numpy(fill_masked(image, mask, spec.mask.fill_rgb)),
+        "mask": torch.from_numpy(mask),
+        "key": keys,
+        "valid": torch.tensor(valid, dtype=torch.bool),
+        "skipped": skipped,
+    }
+    if good and all(g[2] is not None for g in good):
+        batch["label"] = torch.tensor([g[2] for g in good], dtype=torch.int64)
+    return batch
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _my_batches(n_batches: int, start_batch: int) -> list[int]:
+    wid, nw = _worker_slot()
+    return [j for j in range(start_batch, n_batches) if (j - start_batch) % nw == wid]
+
+
+# ---- epoch mode ------------------------------------------------------------------------------
+
+
+def _balanced_sizes(n: int, steps: int) -> np.ndarray:
+    return np.full(steps, n // steps) + (np.arange(steps) < n % steps)
+
+
+def plan_rank_batches(
+    counts: list[int],
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+) -> list[np.ndarray]:
+    """Global sample indices of each of this rank's S batches (same S on every rank). Indices
+    refer to the epoch's shard order; a padded batch holds -1 - i for a repeat of index i."""
+    n_total = sum(counts)
+    if n_total == 0:
+        raise ValueError("the shards hold no samples")
+    steps = math.ceil(math.ceil(n_total / world_size) / batch_size)
+    lo, hi = rank * n_total // world_size, (rank + 1) * n_total // world_size
+    idx = np.arange(lo, hi)
+    sizes = _balanced_sizes(hi - lo, steps)
+    per_window = max(1, math.ceil(shuffle_buffer / batch_size))
+    batches, pos = [], 0
+    for w0 in range(0, steps, per_window):
+        wsizes = sizes[w0 : w0 + per_window]
+        window = idx[pos : pos + wsizes.sum()]
+        pos += wsizes.sum()
+        if shuffle:
+            window = np.random.default_rng([seed, epoch, rank, w0, 7]).permutation(window)
+        batches += np.split(window, np.cumsum(wsizes)[:-1])
+    # Empty batches (only when the rank has < S samples) repeat real samples, marked invalid.
+    source = idx if len(idx) else np.arange(n_total)
+    pad = min(batch_size, len(source))
+    for j, b in enumerate(batches):
+        if len(b) == 0:
+            batches[j] = -1 - source[(j * pad + np.arange(pad)) % len(source)]
+    return batches
+
+
+class _EpochStream(IterableDataset):
+    """This rank's planned batches; each loader worker yields batches j = wid, wid + nw, ..."""
+
+    def __init__(
+        self,
+        spec: SampleSpec,
+        urls: list[str],
+        counts: list[int],
+        batches: list[np.ndarray],
+        start_batch: int,
+    ):
+        super().__init__()
+        self.spec, self.urls, self.counts = spec, urls, counts
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.batches, self.start_batch = batches, start_batch
+
+    def _read(self, needed: np.ndarray) -> Iterator[tuple[int, Raw]]:
+        """(global index, raw sample) for the needed indices (sorted), shard by shard; a shard
+        that fails to open or breaks midway loses its remaining samples (counted by caller)."""
+        shard_of = np.searchsorted(self.offsets, needed, side="right") - 1
+        for s in np.unique(shard_of):
+            local = set((needed[shard_of == s] - self.offsets[s]).tolist())
+            url, base = self.urls[s], int(self.offsets[s])
+            try:
+                with open_url(url) as f:
+                    for i, key, sample in iter_tar_samples(f, local.__contains__):
+                        yield base + i, (key, url, sample)
+                        local.discard(i)
+                        if not local:
+                            break
+            except (TarReadError, OSError) as e:
+                log.warning("shard %s: %s; %d of its samples lost", url, e, len(local))
+
+    def _padding(self, indices: np.ndarray) -> list[Raw]:
+        out = []
+        for g in indices.tolist():
+            out += [raw for _, raw in self._read(np.array([g]))]
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        register_fsspec_handlers({url_scheme(u) for u in self.urls})
+        mine = _my_batches(len(self.batches), self.start_batch)
+        planned = [self.batches[j] for j in mine]
+        needed = np.sort(np.concatenate([b[b >= 0] for b in planned] + [np.empty(0, int)]))
+        reader, pool, ahead, last_good = self._read(needed), {}, None, []
+        for b in planned:
+            real = b[b >= 0]
+            if len(real):
+                while ahead is None or ahead[0] <= real.max():
+                    if ahead is not None:
+                        pool[ahead[0]] = ahead[1]
+                    ahead = next(reader, (math.inf, None))
+                    if ahead[1] is None:
+                        break
+            raws = [pool.pop(g) for g in real.tolist() if g in pool]
+            lost = len(real) - len(raws)
+            good, skipped = decode_many(self.spec, raws)
+            valid = [True] * len(good)
+            if len(real) < len(b):  # planned padding
+                pads, _ = decode_many(self.spec, self._padding(-1 - b[b < 0]))
+                good, valid = good + pads, valid + [False] * len(pads)
+            if not good:
+                if not last_good:
+                    raise RuntimeError(f"no decodable sample in a batch from shards {self.urls}")
+                good, valid = last_good, [False] * len(last_good)
+            last_good = [g for g, v in zip(good, valid, strict=True) if v][:2] or last_good
+            yield collate(self.spec, good, valid, skipped + lost)
+
+
+# ---- resampled mode --------------------------------------------------------------------------
+
+
+class _ResampledStream(IterableDataset):
+    """Endless shard draws with replacement; this worker's share of `steps` full batches."""
+
+    def __init__(self, spec: SampleSpec, urls: list[str], steps: int, rank: int, start_batch: int):
+        super().__init__()
+        self.spec, self.urls, self.steps = spec, urls, steps
+        self.rank, self.start_batch = rank, start_batch
+
+    def _raw_stream(self, rng: np.random.Generator) -> Iterator[Raw]:
+        while True:
+            url = self.urls[int(rng.integers(len(self.urls)))]
+            n = 0
+            try:
+                with open_url(url) as f:
+                    for _, key, sample in iter_tar_samples(f, lambda _: True):
+                        n += 1
+                        yield key, url, sample
+            except (TarReadError, OSError) as e:
+                log.warning("shard %s: %s", url, e)
+            if n == 0:
+                yield "", url, {}  # lets the caller notice a stream of nothing but failures
+
+    def _shuffled(self, rng: np.random.Generator) -> Iterator[Raw]:
+        buf: list[Raw] = []
+        for raw in self._raw_stream(rng):
+            buf.append(raw)
+            if len(buf) >= max(1, self.spec.data.shuffle_buffer):
+                i = int(rng.integers(len(buf)))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        register_fsspec_handlers({url_scheme(u) for u in self.urls})
+        wid, _ = _worker_slot()
+        seed, epoch, bsz = self.spec.seed, self.spec.epoch, self.spec.data.batch_size
+        rng = np.random.default_rng([seed, epoch, self.rank, wid, self.start_batch, 11])
+        stream, misses = self._shuffled(rng), 0
+        for _ in _my_batches(self.steps, self.start_batch):
+            good, skipped = [], 0
+            while len(good) < bsz:
+                raw = next(stream)
+                got, bad = decode_many(self.spec, [raw]) if raw[2] else ([], 0)
+                good, skipped = good + got, skipped + bad
+                misses = 0 if got else misses + 1
+                if misses > 10 * len(self.urls) + 100:
+                    raise RuntimeError(f"no decodable samples in shards {self.urls}")
+            yield collate(self.spec, good, [True] * len(good), skipped)
+
+
+# ---- the loader ------------------------------------------------------------------------------
+
+
+def _worker_init(_: int) -> None:
+    # One decode thread per worker: the workers are the parallelism.
+    torch.set_num_threads(1)
+
+
+def _mp_context() -> mp.context.BaseContext:
+    """forkserver, not fork (safe inside Ray actors and threaded parents); the server preloads
+    this module so each worker starts without re-importing torch."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.data"])
+    return ctx
+
+
+class Loader:
+    """Iterable of batch dicts for one epoch of one rank; `len()` is the step count, and
+    `skipped` the running count of bad samples seen so far in this epoch."""
+
+    def __init__(self, dataset: IterableDataset, steps: int, num_workers: int):
+        self.dataset, self.steps, self.num_workers = dataset, steps, num_workers
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        return iter(
+            DataLoader(
+                self.dataset,
+                batch_size=None,  # workers build whole batches
+                num_workers=self.num_workers,
+                multiprocessing_context=_mp_context(),
+                worker_init_fn=_worker_init,
+            )
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = 0
+        for batch in self._batches():
+            self.skipped += batch["skipped"]
+            n += 1
+            yield batch
+        if n != self.steps:  # a broken plan would hang DDP later; fail here instead
+            raise RuntimeError(f"loader produced {n} batches, planned {self.steps}")
+
+
+def build_loader(
+    data: DataConfig,
+    mask: MaskConfig,
+    *,
+    urls: str,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    start_batch: int = 0,
+) -> Loader:
+    """Iterable of batch dicts for one epoch of one rank. len(loader) == the number of steps in
+    this epoch, identical on every rank (resampled mode: data.steps_per_epoch). start_batch skips
+    the first batches (to resume mid-epoch) without decoding them where possible.
+    data.num_workers DataLoader processes (multiprocessing context 'forkserver').
+    train=False: eval transform (resize + centre crop, no flip), shards in the given order, no
+    window shuffle; the set of samples is the same as in training.
+
+    Batch dict (CPU tensors): image (B,3,S,S) float32 in [-1,1]; input (image with dropped
+    pixels set to fill_rgb/255*2-1); mask (B,1,S,S) float32, 1 = dropped; label (B,) int64 when
+    every sample has `cls`; key list[str]; valid (B,) bool, False for padding repeats;
+    skipped: int, bad samples since the worker's previous batch. See the module docstring."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    shard_urls = expand_urls(urls)
+    spec = SampleSpec(data=data, mask=mask, train=train, epoch=epoch, seed=seed)
+    if data.resampled:
+        steps = data.steps_per_epoch
+        if steps <= 0:
+            raise ValueError("data.steps_per_epoch must be > 0 when data.resampled is true")
+        dataset: IterableDataset = _ResampledStream(spec, shard_urls, steps, rank, start_batch)
+    else:
+        counts = shard_sample_counts(shard_urls)
+        order = np.arange(len(shard_urls))
+        if train:
+            order = np.random.default_rng([seed, epoch, 3]).permutation(len(shard_urls))
+        shard_urls, counts = [shard_urls[i] for i in order], [counts[i] for i in order]
+        batches = plan_rank_batches(
+            counts,
+            rank=rank,
+            world_size=world_size,
+            batch_size=data.batch_size,
+            shuffle_buffer=data.shuffle_buffer,
+            shuffle=train,
+            seed=seed,
+            epoch=epoch,
+        )
+        steps = len(batches)
+        dataset = _EpochStream(spec, shard_urls, counts, batches, start_batch)
+    if not 0 <= start_batch <= steps:
+        raise ValueError(f"start_batch {start_batch} is not in [0, {steps}]")
+    return Loader(dataset, steps - start_batch, data.num_workers)

@@ -1,0 +1,118 @@
+"""The three region shapes of Context Encoders (METHOD.md), one mask per sample.
+
+A mask is a (S, S) bool array, True = dropped (filled with the mean colour, to be predicted).
+Random masks take a numpy Generator, seeded per sample by the caller from (seed, epoch, key).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import MaskConfig, scaled_overlap
+
+
+def center_mask(size: int, overlap: int) -> np.ndarray:
+    """The centre half-size square minus a visible ring of `overlap` px: at 128 px the 64x64
+    target with overlap 4 drops the inner 56x56; at 32 px (overlap 1) the inner 14x14."""
+    lo, hi = size // 4 + overlap, size - size // 4 - overlap
+    if hi <= lo:
+        raise ValueError(f"overlap {overlap} leaves nothing to drop at image size {size}")
+    m = np.zeros((size, size), dtype=bool)
+    m[lo:hi, lo:hi] = True
+    return m
+
+
+def _cover_bounds(size: int, min_cover: float, max_cover: float) -> tuple[int, int]:
+    """Dropped-pixel counts allowed, as whole pixels."""
+    area = size * size
+    lo, hi = math.ceil(min_cover * area), math.floor(max_cover * area)
+    if hi < lo:
+        raise ValueError(f"no pixel count within cover [{min_cover}, {max_cover}] at size {size}")
+    return lo, hi
+
+
+def _one_block(size: int, pixels: int, rng: np.random.Generator) -> np.ndarray:
+    """A single rectangle of about `pixels` px (the fallback that always fits the bounds)."""
+    h = min(size, max(1, round(math.sqrt(pixels))))
+    w = min(size, max(1, round(pixels / h)))
+    y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    m = np.zeros((size, size), dtype=bool)
+    m[y : y + h, x : x + w] = True
+    return m
+
+
+def random_block_mask(
+    rng: np.random.Generator, size: int, min_cover: float, max_cover: float, max_blocks: int
+) -> np.ndarray:
+    """1..max_blocks overlapping rectangles (aspect 1:2..2:1) added until the cover reaches a
+    target drawn in [min_cover, max_cover]; a draw that overshoots max_cover is redrawn."""
+    lo, hi = _cover_bounds(size, min_cover, max_cover)
+    for _ in range(50):
+        target = rng.integers(lo, hi + 1)
+        n = int(rng.integers(1, max_blocks + 1))
+        m = np.zeros((size, size), dtype=bool)
+        for _ in range(n):
+            # Each block a bit over its share: overlaps eat part of it.
+            px = target / n * rng.uniform(0.8, 1.5)
+            aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
+            h = min(size, max(1, round(math.sqrt(px * aspect))))
+            w = min(size, max(1, round(px / h)))
+            y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            m[y : y + h, x : x + w] = True
+            if m.sum() >= target:
+                break
+        if lo <= m.sum() <= hi:
+            return m
+    return _one_block(size, (lo + hi) // 2, rng)  # after 50 misses (rare): always fits
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    noise = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(noise, mode="F").resize((size, size), Image.BICUBIC))
+
+
+def random_region_mask(
+    rng: np.random.Generator, size: int, min_cover: float, max_cover: float
+) -> np.ndarray:
+    """Free-form blobs: smooth noise (two octaves of bicubically upsampled Gaussian noise),
+    thresholded so that exactly a drawn share in [min_cover, max_cover] of the pixels drop.
+    A procedural stand-in for the paper's pasted PASCAL segmentation shapes."""
+    lo, hi = _cover_bounds(size, min_cover, max_cover)
+    cells = int(rng.integers(3, 7))
+    field = _smooth_noise(rng, size, cells) + 0.35 * _smooth_noise(rng, size, 2 * cells)
+    k = int(rng.integers(lo, hi + 1))
+    # The k largest values, exactly k of them (a threshold could tie and overshoot).
+    top = np.argpartition(field.ravel(), field.size - k)[field.size - k :]
+    m = np.zeros(size * size, dtype=bool)
+    m[top] = True
+    return m.reshape(size, size)
+
+
+def batch_masks(cfg: MaskConfig, size: int, seeds: list[int]) -> np.ndarray:
+    """(B, 1, S, S) float32 masks, 1 = dropped, one per sample seed."""
+    if cfg.kind == "center":
+        m = center_mask(size, scaled_overlap(cfg, size)).astype(np.float32)
+        return np.ascontiguousarray(np.broadcast_to(m, (len(seeds), 1, size, size)))
+    out = np.empty((len(seeds), 1, size, size), dtype=np.float32)
+    for i, s in enumerate(seeds):
+        rng = np.random.default_rng(s)
+        if cfg.kind == "random_block":
+            out[i, 0] = random_block_mask(rng, size, cfg.min_cover, cfg.max_cover, cfg.max_blocks)
+        elif cfg.kind == "random_region":
+            out[i, 0] = random_region_mask(rng, size, cfg.min_cover, cfg.max_cover)
+        else:
+            raise ValueError(f"unknown mask.kind {cfg.kind!r}")
+    return out
+
+
+def fill_value(fill_rgb: tuple[int, ...]) -> np.ndarray:
+    """The fill colour in [-1, 1] as (1, 3, 1, 1) float32."""
+    return (np.asarray(fill_rgb, dtype=np.float32) / 127.5 - 1.0).reshape(1, 3, 1, 1)
+
+
+def fill_masked(images: np.ndarray, masks: np.ndarray, fill_rgb: tuple[int, ...]) -> np.ndarray:
+    """Images (B, 3, S, S) in [-1, 1] with the dropped pixels set to the fill colour."""
+    return np.where(masks > 0, fill_value(fill_rgb), images)
