@@ -18,5 +18,5 @@ def connect_ray(address: str = "", num_cpus: int | None = None) -> str:
         ray.init(address=address, log_to_driver=True)
         return f"Ray cluster at {address}"
     # A laptop run: local Ray bound to this machine, dashboard off (nothing listens beyond it).
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
     return f"local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs"

@@ -272,7 +272,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""  # `key=` sets an empty string
     return out
 
 

@@ -129,7 +129,7 @@ def _steps_per_rank(step: int, world: int) -> list[int]:
 
 
 def _ddp(module: torch.nn.Module) -> torch.nn.Module:
-    # broadcast_buffers=False: SyncBatchNorm already agrees on statistics across ranks, and a
+    # broadcast_buffers=False: BN running stats are only used in eval, and a
     # per-forward buffer broadcast from rank 0 would add a collective to every D call.
     return ray.train.torch.prepare_model(
         module, parallel_strategy_kwargs={"broadcast_buffers": False}

@@ -75,9 +75,9 @@ def test_two_workers_complete_and_track(tmp_path, ray_local, cifar_small):
     assert run.data.tags["ce.steps_per_rank"] == "12,12"  # both ranks ran every step
     assert run.data.params["train.max_steps"] == "12"
     assert run.data.params["run.num_workers"] == "2"
-    for key in ("rec", "g_total", "images_per_s", "val_rec_l2"):
+    for key in ("loss_rec", "loss_g", "loss_d", "images_per_s", "val_rec_l2"):
         assert key in run.data.metrics, key
-    history = c.get_metric_history(run.info.run_id, "rec")
+    history = c.get_metric_history(run.info.run_id, "loss_rec")
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "encoder", "samples"} <= artifacts
@@ -210,7 +210,7 @@ def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
     resumed = c.get_metric_history(run.info.run_id, "resumed_from_step")
     assert [m.value >= 20 for m in resumed] == [True]
     assert run.info.status == "FINISHED"
-    assert max(m.step for m in c.get_metric_history(run.info.run_id, "rec")) == 300
+    assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss_rec")) == 300
 
 
 def test_loaded_yaml_configs_are_valid():
