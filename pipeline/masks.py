@@ -95,7 +95,7 @@ def batch_masks(cfg: MaskConfig, size: int, seeds: list[int]) -> np.ndarray:
     """(B, 1, S, S) float32 masks, 1 = dropped, one per sample seed."""
     if cfg.kind == "center":
         m = center_mask(size, scaled_overlap(cfg, size)).astype(np.float32)
-        return np.ascontiguousarray(np.broadcast_to(m, (len(seeds), 1, size, size)))
+        return np.broadcast_to(m, (len(seeds), 1, size, size)).copy()
     out = np.empty((len(seeds), 1, size, size), dtype=np.float32)
     for i, s in enumerate(seeds):
         rng = np.random.default_rng(s)
