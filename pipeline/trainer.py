@@ -75,7 +75,8 @@ class Trainer:
         self._d_raw = compile_(self.d) if self.d is not None else None
 
     def _prepare(self, module: nn.Module) -> nn.Module:
-        if _distributed() and self.cfg.train.sync_bn:
+        # PyTorch's SyncBatchNorm runs on CUDA only; CPU ranks keep per-rank statistics.
+        if _distributed() and self.cfg.train.sync_bn and self.device.type == "cuda":
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module = module.to(self.device)
         if self.cfg.train.channels_last:
@@ -285,6 +286,9 @@ def fit(
 ) -> Trainer:
     """Train until trainer.step == cfg.train.max_steps, resuming at (epoch, batch_in_epoch).
 
+    loader_for_epoch(epoch, start_batch) returns the rest of that epoch: len() is the number of
+    batches it yields from start_batch on (pipeline.data.build_loader: steps - start_batch).
+
     on_log gets the train_step dict + "step", "epoch", "images_per_s", "skipped" every
     train.log_every steps; on_checkpoint gets the trainer every train.checkpoint_every steps
     and once at the end. Called on every rank: the caller decides what rank 0 writes."""
@@ -292,13 +296,13 @@ def fit(
     last_ckpt = trainer.step
     while trainer.step < trainer.cfg.train.max_steps:
         loader = loader_for_epoch(trainer.epoch, trainer.batch_in_epoch)
-        n_batches = len(loader)  # type: ignore[arg-type]
-        if n_batches <= trainer.batch_in_epoch:
+        remaining = len(loader)  # type: ignore[arg-type]
+        if remaining <= 0:
             raise ValueError(
-                f"loader for epoch {trainer.epoch} has {n_batches} batches; cannot resume at "
-                f"batch {trainer.batch_in_epoch}"
+                f"loader for epoch {trainer.epoch} from batch {trainer.batch_in_epoch} has "
+                f"{remaining} batches"
             )
-        last_ckpt = _run_epoch(trainer, loader, n_batches, meter, on_log, on_checkpoint, last_ckpt)
+        last_ckpt = _run_epoch(trainer, loader, remaining, meter, on_log, on_checkpoint, last_ckpt)
     if last_ckpt != trainer.step:
         on_checkpoint(trainer)
     return trainer
@@ -307,7 +311,7 @@ def fit(
 def _run_epoch(
     trainer: Trainer,
     loader: Iterable[Batch],
-    n_batches: int,
+    remaining: int,
     meter: _Meter,
     on_log: Callable[[dict[str, float]], None],
     on_checkpoint: Callable[[Trainer], None],
@@ -317,12 +321,12 @@ def _run_epoch(
     The epoch rolls over right after its last batch, so a checkpoint taken there resumes at
     the next epoch rather than at an empty tail."""
     tc, ran = trainer.cfg.train, 0
-    for batch in _take(loader, n_batches - trainer.batch_in_epoch):
+    for batch in _take(loader, remaining):
         ran += 1
         metrics = trainer.train_step(batch)
         meter.add(_batch_len(batch), _skipped(batch))
         trainer.batch_in_epoch += 1
-        if trainer.batch_in_epoch == n_batches:
+        if ran == remaining:
             trainer.epoch, trainer.batch_in_epoch = trainer.epoch + 1, 0
         if trainer.step % tc.log_every == 0:
             on_log({**metrics, **meter.flush(trainer)})
@@ -333,7 +337,7 @@ def _run_epoch(
             return last_ckpt
     if ran == 0:
         raise ValueError(f"loader for epoch {trainer.epoch} yielded no batches")
-    if trainer.batch_in_epoch != 0:  # the loader ran dry before len(): close the epoch anyway
+    if ran < remaining:  # the loader ran dry before its len(): close the epoch anyway
         trainer.epoch, trainer.batch_in_epoch = trainer.epoch + 1, 0
     return last_ckpt
 

@@ -16,6 +16,16 @@ from pipeline.objective import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP barriers
+    under contention make a 10 ms step take seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
