@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -353,19 +354,18 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 @pytest.mark.cifar
-@pytest.mark.slow
 def test_short_cifar_run_beats_its_start_and_the_mean_fill(cifar_train: str, cifar_test: str):
     from pipeline.data import build_loader
 
-    cfg = cifar_config(cifar_train, cifar_test, max_steps=120, precision="bf16",
+    cfg = cifar_config(cifar_train, cifar_test, max_steps=200, precision="bf16",
                        channels_last=True)  # fmt: skip
-    val = list(build_loader(cfg.data, cfg.mask, urls=cifar_test, train=False, seed=0))[
-        :8
-    ]  # 256 held-out images, the same masks at both evaluations
+    held_out = build_loader(cfg.data, cfg.mask, urls=cifar_test, train=False, seed=0)
+    val = list(itertools.islice(held_out, 8))  # 256 images, the same masks at both evaluations
     trainer = Trainer(cfg)
     before = trainer.evaluate(val)
     fit(trainer, train_loader(cfg))
     after = trainer.evaluate(val)
     assert after["val_fill_l2"] == pytest.approx(before["val_fill_l2"])
-    assert after["val_rec_l2"] < 0.6 * before["val_rec_l2"]
-    assert after["val_rec_l2"] < 0.8 * after["val_fill_l2"]
+    # Seen here: 0.216 -> 0.121 in 200 steps of 32 (~10 s), against a fill baseline of 0.214.
+    assert after["val_rec_l2"] < 0.7 * before["val_rec_l2"]
+    assert after["val_rec_l2"] < 0.7 * after["val_fill_l2"]
