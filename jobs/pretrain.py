@@ -11,11 +11,15 @@ with the same `run.run_name` resumes that run from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import Config, dump_config, flatten, load_config, to_dict, tracking_uri
 from pipeline.data import expand_urls
+from pipeline.remote import url_scheme
 from pipeline.tracking import RunLogger, check_tracking, end_run, start_or_resume_run
 
 
@@ -30,6 +34,23 @@ class PretrainResult:
 
 def run_name_for(cfg: Config) -> str:
     return cfg.run.run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _absolute_urls(urls: str) -> str:
+    parts = [p.strip() for p in re.split(r",(?![^{]*\})", urls) if p.strip()]  # not in braces
+    return ",".join(str(Path(p).resolve()) if url_scheme(p) == "" else p for p in parts)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Local relative paths made absolute: Ray workers (and `ray job submit`) run in other
+    directories. This is the resolved config that is logged and handed to the workers."""
+    data = dataclasses.replace(
+        cfg.data,
+        train_shards=_absolute_urls(cfg.data.train_shards),
+        val_shards=_absolute_urls(cfg.data.val_shards),
+    )
+    run = dataclasses.replace(cfg.run, output_root=str(Path(cfg.run.output_root).resolve()))
+    return dataclasses.replace(cfg, data=data, run=run)
 
 
 def preflight(cfg: Config) -> str:
@@ -47,6 +68,7 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     from jobs.ray_connect import connect_ray
     from pipeline.ray_train import build_trainer
 
+    cfg = resolve_paths(cfg)
     uri = preflight(cfg)
     print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
     name = run_name_for(cfg)

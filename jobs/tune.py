@@ -125,7 +125,7 @@ def build_space(settings: TuneSettings, base: dict) -> dict[str, Any]:
     pretrain config, checked here before anything starts."""
     if not settings.space:
         raise ConfigError("tune: the search space is empty")
-    known = set(flatten(base))
+    known = set(flatten(to_dict(from_dict(base))))  # every key, defaults included
     space = {}
     for key, spec in settings.space.items():
         if key not in known:
@@ -270,12 +270,13 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from jobs.pretrain import preflight
+    from jobs.pretrain import preflight, resolve_paths
     from jobs.ray_connect import connect_ray
     from pipeline.tracking import RunLogger, end_run, start_or_resume_run
 
+    base_cfg = resolve_paths(validate(from_dict(base)))
+    base = to_dict(base_cfg)  # absolute paths: trials run in other directories
     space = build_space(settings, base)
-    base_cfg = validate(from_dict(base))
     uri = preflight(base_cfg)
     print(f"[tune] {connect_ray(address or base_cfg.run.address)}; MLflow at {uri}", flush=True)
     root = (Path(base_cfg.run.output_root) / "tune" / settings.name).resolve()

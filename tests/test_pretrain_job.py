@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -143,12 +144,16 @@ def _train_worker_pids() -> list[int]:
 
 
 def _wait_for_checkpoint(root: Path, timeout_s: float = 240) -> None:
+    """Until Ray Train has *registered* a checkpoint. A checkpoint folder appears before the
+    controller collects the report (it polls the workers), and a report still in flight when
+    a worker dies is lost; the controller's snapshot file lists only registered ones."""
     t0 = time.time()
     while time.time() - t0 < timeout_s:
-        if any(root.glob("**/checkpoint_*/checkpoint.pt")):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"no checkpoint under {root} after {timeout_s}s")
+        for snapshot in root.glob("*/checkpoint_manager_snapshot.json"):
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"no registered checkpoint under {root} after {timeout_s}s")
 
 
 @pytest.mark.slow
@@ -208,7 +213,7 @@ def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
     c, runs = mlflow_run(uri, "test-pretrain")
     (run,) = runs  # the same MLflow run continued, not a second one
     resumed = c.get_metric_history(run.info.run_id, "resumed_from_step")
-    assert [m.value >= 20 for m in resumed] == [True]
+    assert len(resumed) == 1 and resumed[0].value >= 20 and resumed[0].value % 20 == 0
     assert run.info.status == "FINISHED"
     assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss_rec")) == 300
 
