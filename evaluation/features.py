@@ -177,6 +177,9 @@ def extract(
             )
             if not valid.any():
                 continue
+            if "label" not in batch:
+                raise ValueError(f"batch without labels (sample keys {batch['key'][:3]}...): "
+                                 "probing needs a `cls` member in every sample")  # fmt: skip
             out = module.encode(batch["image"][valid], list(layers))
             for layer in layers:
                 parts[layer].append(pool(out[layer], max_dim).numpy())

@@ -29,7 +29,9 @@ class ProbeSettings:
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     val_fraction: float = 0.1  # share of train carved off (stratified) to choose C
     sweep_max_samples: int = 10_000  # the C sweep fits on at most this many train rows (0 = all)
-    max_iter: int = 200  # lbfgs iterations per fit; warm starts make later fits short
+    # lbfgs iterations per fit. On CIFAR-10 pixels top-1 moves < 0.5 % between 50 and 200
+    # iterations while the cost is linear in them; warm starts make the later fits short.
+    max_iter: int = 100
     seed: int = 0
 
 
@@ -38,6 +40,8 @@ class ProbeFit:
     """A fitted probe: the pipeline refit on train + val with `c`, and the sweep behind it."""
 
     model: Pipeline
+    # The chosen C, used unchanged for the refit on train + val. sklearn's C scales the summed
+    # data loss, so the same C on more rows regularises a little less, as more data warrants.
     c: float
     val_top1: dict[float, float] = field(default_factory=dict)  # C -> validation top-1
 
