@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
@@ -56,6 +57,7 @@ from pipeline.transforms import (
     image_member,
     parse_label,
     sample_seed,
+    stack_images,
     train_crop,
 )
 
@@ -86,8 +88,8 @@ class SampleSpec:
 
 def decode_sample(
     spec: SampleSpec, key: str, sample: dict[str, bytes]
-) -> tuple[np.ndarray, int | None]:
-    """(S, S, 3) uint8 crop and label of one raw sample; raises BadSample."""
+) -> tuple[Image.Image, int | None]:
+    """The S x S RGB crop and the label of one raw sample; raises BadSample."""
     label = parse_label(sample)
     img = decode_resized(image_member(sample), spec.short_side)
     size = spec.data.image_size
@@ -117,20 +119,24 @@ def decode_many(spec: SampleSpec, raws: list[Raw]) -> tuple[list, int]:
     return good, skipped
 
 
-_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / 127.5 - 1.0  # lookup: byte -> [-1, 1]
-
-
 def collate(spec: SampleSpec, good: list, valid: list[bool], skipped: int) -> dict[str, Any]:
     """The batch dict of the contract (see build_loader)."""
     size = spec.data.image_size
     keys = [g[0] for g in good]
     # numpy, not torch: single-threaded, so N loader workers do not oversubscribe the cores.
-    pixels = np.stack([g[1] for g in good])  # (B, S, S, 3) uint8
-    image = _UINT8_TO_UNIT[pixels].transpose(0, 3, 1, 2).copy()  # (B, 3, S, S) in [-1, 1]
-    mask = batch_masks(spec.mask, size, [sample_seed(spec.seed, spec.epoch, k) for k in keys])
+    pixels = stack_images([g[1] for g in good], size)  # (B, S, S, 3) uint8
+    image = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, S, S)
+    image *= 1 / 127.5
+    image -= 1.0
+    seeds = (
+        [sample_seed(spec.seed, spec.epoch, k) for k in keys]
+        if spec.mask.kind != "center"
+        else [0] * len(keys)
+    )
+    mask = batch_masks(spec.mask, size, seeds)
     batch = {
         "image": torch.from_numpy(image),
-        "input": torch.from_numpy(fill_masked(image, mask, spec.mask.fill_rgb)),
+        "input": torch.from_numpy(fill_masked(image, mask, spec.mask)),
         "mask": torch.from_numpy(mask),
         "key": keys,
         "valid": torch.tensor(valid, dtype=torch.bool),
@@ -244,7 +250,8 @@ class _EpochStream(IterableDataset):
         for b in planned:
             real = b[b >= 0]
             if len(real):
-                while ahead is None or ahead[0] <= real.max():
+                last = int(real.max())
+                while ahead is None or ahead[0] <= last:
                     if ahead is not None:
                         pool[ahead[0]] = ahead[1]
                     ahead = next(reader, (math.inf, None))

@@ -14,12 +14,17 @@ from PIL import Image
 from pipeline.config import MaskConfig, scaled_overlap
 
 
-def center_mask(size: int, overlap: int) -> np.ndarray:
-    """The centre half-size square minus a visible ring of `overlap` px: at 128 px the 64x64
-    target with overlap 4 drops the inner 56x56; at 32 px (overlap 1) the inner 14x14."""
+def _center_bounds(size: int, overlap: int) -> tuple[int, int]:
     lo, hi = size // 4 + overlap, size - size // 4 - overlap
     if hi <= lo:
         raise ValueError(f"overlap {overlap} leaves nothing to drop at image size {size}")
+    return lo, hi
+
+
+def center_mask(size: int, overlap: int) -> np.ndarray:
+    """The centre half-size square minus a visible ring of `overlap` px: at 128 px the 64x64
+    target with overlap 4 drops the inner 56x56; at 32 px (overlap 1) the inner 14x14."""
+    lo, hi = _center_bounds(size, overlap)
     m = np.zeros((size, size), dtype=bool)
     m[lo:hi, lo:hi] = True
     return m
@@ -113,6 +118,12 @@ def fill_value(fill_rgb: tuple[int, ...]) -> np.ndarray:
     return (np.asarray(fill_rgb, dtype=np.float32) / 127.5 - 1.0).reshape(1, 3, 1, 1)
 
 
-def fill_masked(images: np.ndarray, masks: np.ndarray, fill_rgb: tuple[int, ...]) -> np.ndarray:
+def fill_masked(images: np.ndarray, masks: np.ndarray, cfg: MaskConfig) -> np.ndarray:
     """Images (B, 3, S, S) in [-1, 1] with the dropped pixels set to the fill colour."""
-    return np.where(masks > 0, fill_value(fill_rgb), images)
+    fill = fill_value(cfg.fill_rgb)
+    if cfg.kind == "center":  # a slice assignment is ~4x cheaper than a masked select
+        lo, hi = _center_bounds(images.shape[-1], scaled_overlap(cfg, images.shape[-1]))
+        out = images.copy()
+        out[:, :, lo:hi, lo:hi] = fill
+        return out
+    return np.where(masks > 0, fill, images)

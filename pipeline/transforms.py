@@ -81,22 +81,32 @@ def decode_resized(data: bytes, short_side: int) -> Image.Image:
     return img
 
 
-def train_crop(img: Image.Image, size: int, rseed: int, flip: bool) -> np.ndarray:
+def train_crop(img: Image.Image, size: int, rseed: int, flip: bool) -> Image.Image:
     """Random size x size crop and (if `flip`) horizontal flip with p = 0.5, both drawn from
-    bits of `rseed`; returns (size, size, 3) uint8."""
+    bits of `rseed`. Stays a PIL image: the batch is assembled by pasting (see data.collate)."""
     w, h = img.size
-    x = (rseed & 0xFFFF) % (w - size + 1)
-    y = ((rseed >> 16) & 0xFFFF) % (h - size + 1)
-    arr = np.asarray(img.crop((x, y, x + size, y + size)) if (w, h) != (size, size) else img)
+    if (w, h) != (size, size):
+        x = (rseed & 0xFFFF) % (w - size + 1)
+        y = ((rseed >> 16) & 0xFFFF) % (h - size + 1)
+        img = img.crop((x, y, x + size, y + size))
     if flip and (rseed >> 32) & 1:
-        arr = arr[:, ::-1]
-    return arr
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
-def center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """The centre size x size crop as (size, size, 3) uint8."""
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """The centre size x size crop."""
     w, h = img.size
     if (w, h) == (size, size):
-        return np.asarray(img)
+        return img
     x, y = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((x, y, x + size, y + size)))
+    return img.crop((x, y, x + size, y + size))
+
+
+def stack_images(images: list[Image.Image], size: int) -> np.ndarray:
+    """(B, size, size, 3) uint8 from RGB images. Pasting into one tall canvas and converting
+    once is ~2.5x cheaper than np.asarray per image (PIL's per-call export overhead)."""
+    canvas = Image.new("RGB", (size, size * len(images)))
+    for i, img in enumerate(images):
+        canvas.paste(img, (0, size * i))
+    return np.asarray(canvas).reshape(len(images), size, size, 3)

@@ -54,7 +54,7 @@ def test_fill_sets_only_dropped_pixels() -> None:
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
     masks = batch_masks(MaskConfig(kind="random_region"), 32, [5, 6, 7, 8])
-    out = fill_masked(images, masks, (117, 104, 123))
+    out = fill_masked(images, masks, MaskConfig(kind="random_region", fill_rgb=(117, 104, 123)))
     fill = np.array([117, 104, 123], dtype=np.float32) / 255 * 2 - 1
     dropped = np.broadcast_to(masks > 0, out.shape)
     assert np.array_equal(out[~dropped], images[~dropped])
