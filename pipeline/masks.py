@@ -6,10 +6,10 @@ Random masks take a numpy Generator, seeded per sample by the caller from (seed,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-from PIL import Image
 
 from pipeline.config import MaskConfig, scaled_overlap
 
@@ -74,26 +74,47 @@ def random_block_mask(
     return _one_block(size, (lo + hi) // 2, rng)  # after 50 misses (rare): always fits
 
 
+@functools.lru_cache(maxsize=64)
+def _smoothing_matrix(cells: int, size: int) -> np.ndarray:
+    """(size, cells) Gaussian interpolation weights: `W @ grid @ W.T` upsamples a cells x
+    cells noise grid to a smooth size x size field with two tiny matmuls (PIL's bicubic resize
+    of a float image costs ~10x more at 128 px)."""
+    centers = (np.arange(cells) + 0.5) / cells
+    xs = (np.arange(size) + 0.5) / size
+    w = np.exp(-0.5 * ((xs[:, None] - centers[None, :]) * cells / 0.6) ** 2)  # sigma 0.6 cell
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    noise = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(noise, mode="F").resize((size, size), Image.BICUBIC))
+    w = _smoothing_matrix(cells, size)
+    return w @ rng.standard_normal((cells, cells), dtype=np.float32) @ w.T
+
+
+def _top_k(field: np.ndarray, k: int, lo: int, hi: int) -> np.ndarray:
+    """About the k largest pixels: the threshold comes from a strided subsample (cheap, and the
+    field is smooth), accepted when the cover lands in [lo, hi]; otherwise exactly k."""
+    step = max(1, field.shape[0] // 32)
+    sub = field[::step, ::step].ravel()
+    j = min(sub.size - 1, max(0, round(sub.size * (1 - k / field.size))))
+    m = field >= np.partition(sub, j)[j]
+    if lo <= np.count_nonzero(m) <= hi:
+        return m
+    flat = field.ravel()
+    exact = np.zeros(flat.size, dtype=bool)
+    exact[np.argpartition(flat, flat.size - k)[flat.size - k :]] = True
+    return exact.reshape(field.shape)
 
 
 def random_region_mask(
     rng: np.random.Generator, size: int, min_cover: float, max_cover: float
 ) -> np.ndarray:
-    """Free-form blobs: smooth noise (two octaves of bicubically upsampled Gaussian noise),
-    thresholded so that exactly a drawn share in [min_cover, max_cover] of the pixels drop.
-    A procedural stand-in for the paper's pasted PASCAL segmentation shapes."""
+    """Free-form blobs: smooth noise (two octaves of Gaussian noise, smoothly interpolated)
+    thresholded so that a share drawn in [min_cover, max_cover] of the pixels drop. A
+    procedural stand-in for the paper's pasted PASCAL segmentation shapes."""
     lo, hi = _cover_bounds(size, min_cover, max_cover)
     cells = int(rng.integers(3, 7))
     field = _smooth_noise(rng, size, cells) + 0.35 * _smooth_noise(rng, size, 2 * cells)
-    k = int(rng.integers(lo, hi + 1))
-    # The k largest values, exactly k of them (a threshold could tie and overshoot).
-    top = np.argpartition(field.ravel(), field.size - k)[field.size - k :]
-    m = np.zeros(size * size, dtype=bool)
-    m[top] = True
-    return m.reshape(size, size)
+    return _top_k(field, int(rng.integers(lo, hi + 1)), lo, hi)
 
 
 def batch_masks(cfg: MaskConfig, size: int, seeds: list[int]) -> np.ndarray:
