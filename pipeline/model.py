@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig, target_size
@@ -75,6 +76,37 @@ def _upsampler(c_in: int, channels: Sequence[int]) -> nn.Sequential:
     )
 
 
+class DenseConv2d(nn.Conv2d):
+    """A k x k valid conv applied to a k x k map (the bottleneck, D's head): (B, in, k, k) ->
+    (B, out, 1, 1). The same weights and state dict as nn.Conv2d, computed as one matmul since
+    that is what it is: oneDNN's conv backward for this shape runs ~5x slower than the GEMM."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+            return super().forward(x)
+        b, w = x.shape[0], self.weight
+        if not w.is_contiguous():  # channels_last: (out, k, k, in) in memory, flatten that way
+            w, x = w.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+        out = F.linear(x.reshape(b, -1), w.reshape(self.out_channels, -1), self.bias)
+        return out[..., None, None]  # (B, out, 1, 1)
+
+
+class DenseConvTranspose2d(nn.ConvTranspose2d):
+    """A k x k transposed conv from a 1 x 1 code (the decoder's first layer): (B, in, 1, 1) ->
+    (B, out, k, k), computed as one matmul for the reason given in DenseConv2d."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        plain = self.padding == (0, 0) and self.output_padding == (0, 0) and self.groups == 1
+        if x.shape[-2:] != (1, 1) or not plain or self.bias is not None:
+            return super().forward(x, output_size)
+        (k, kw), w, b = self.kernel_size, self.weight, x.shape[0]
+        if w.is_contiguous():  # (in, out, k, k)
+            return (x.reshape(b, -1) @ w.reshape(w.shape[0], -1)).view(b, self.out_channels, k, kw)
+        w = w.permute(0, 2, 3, 1)  # channels_last: (in, k, k, out) in memory
+        out = (x.reshape(b, -1) @ w.reshape(w.shape[0], -1)).view(b, k, kw, self.out_channels)
+        return out.permute(0, 3, 1, 2)  # (B, out, k, k), channels_last in memory
+
+
 class ChannelwiseFC(nn.Module):
     """Each of the m feature maps (n x n) fully connected to itself only: m * n^4 weights
     instead of a dense layer's m^2 * n^4. A batched matmul over channels (a grouped conv with
@@ -102,7 +134,7 @@ def _dcgan_encoder(cfg: ModelConfig) -> tuple[nn.ModuleDict, list[int]]:
         for i, (c_in, c_out) in enumerate(_pairs([3, *chans]))
     }
     stages["bottleneck"] = nn.Sequential(  # 4x4 valid conv: (B, 8w, 4, 4) -> (B, bottleneck, 1, 1)
-        nn.Conv2d(chans[-1], cfg.bottleneck, 4, 1, 0, bias=False),
+        DenseConv2d(chans[-1], cfg.bottleneck, 4, 1, 0, bias=False),
         nn.BatchNorm2d(cfg.bottleneck),
         nn.LeakyReLU(LEAK, inplace=True),
     )
@@ -115,7 +147,7 @@ def _dcgan_decoder(cfg: ModelConfig, enc_channels: list[int]) -> nn.Sequential:
     n_up = _log2_exact(target_size(cfg), "target size") - 2
     mirror = enc_channels[::-1][:n_up]  # e.g. [512, 256, 128, 64]
     first = nn.Sequential(  # (B, bottleneck, 1, 1) -> (B, mirror[0], 4, 4)
-        nn.ConvTranspose2d(cfg.bottleneck, mirror[0], 4, 1, 0, bias=False),
+        DenseConvTranspose2d(cfg.bottleneck, mirror[0], 4, 1, 0, bias=False),
         nn.BatchNorm2d(mirror[0]),
         nn.ReLU(inplace=True),
     )
@@ -225,7 +257,7 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(
             *[_down(a, b, bn=i > 0) for i, (a, b) in enumerate(_pairs([3, *chans]))]
         )  # (B, 3, T, T) -> (B, 8w, 4, 4)
-        self.head = nn.Conv2d(chans[-1], 1, 4, 1, 0, bias=False)  # -> (B, 1, 1, 1)
+        self.head = DenseConv2d(chans[-1], 1, 4, 1, 0, bias=False)  # -> (B, 1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x)).flatten()  # (B,)

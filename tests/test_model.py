@@ -11,6 +11,8 @@ from torch import nn
 from pipeline.config import ModelConfig, target_size
 from pipeline.model import (
     ChannelwiseFC,
+    DenseConv2d,
+    DenseConvTranspose2d,
     build_discriminator,
     build_generator,
     stage_channels,
@@ -112,6 +114,24 @@ def test_channelwise_fc_connects_each_map_to_itself_only_like_a_grouped_conv():
     x2[:, 1] += 1.0  # perturb channel 1 only
     changed = (layer(x2) - y).abs().amax(dim=(0, 2, 3)) > 0
     assert changed.tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_bottleneck_layers_compute_exactly_their_convolutions(channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = DenseConv2d(6, 5, 4, bias=False).to(memory_format=fmt)
+    x = torch.randn(3, 6, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    y = conv(x)
+    ref = F.conv2d(x, conv.weight)
+    torch.testing.assert_close(y, ref)
+    (gx, gw), (rx, rw) = (torch.autograd.grad(v.square().sum(), [x, conv.weight]) for v in (y, ref))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    deconv = DenseConvTranspose2d(6, 5, 4, bias=False).to(memory_format=fmt)
+    z = torch.randn(3, 6, 1, 1).contiguous(memory_format=fmt)
+    torch.testing.assert_close(deconv(z), F.conv_transpose2d(z, deconv.weight))
+    assert deconv(z).shape == (3, 5, 4, 4)
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "alexnet"])
