@@ -1,0 +1,233 @@
+"""Training-step throughput of the Context Encoder trainer against a plain reference step.
+
+    python benchmarks/bench_train_step.py                 # CPU, paper config at batch 64
+    python benchmarks/bench_train_step.py --device cuda   # the same on a GPU
+
+Reference = the recipe of the popular PyTorch ports, on the same architecture: fp32, NCHW,
+a Sigmoid at the end of D + nn.BCELoss, default torch.optim.Adam(betas=(0.5, 0.999)), D
+gradients computed (and thrown away) during the G step. Ours = pipeline.trainer.Trainer in
+several settings (fp32 / bf16 autocast, NCHW / channels_last, optional torch.compile).
+Both run one G forward, a D step on real then fake, and a G step through the updated D.
+
+GFLOP/s is the reference step's FLOPs (counted once with torch.utils.flop_counter) times the
+images/s of each row, so every row is measured in the same useful-work unit; the matmul
+ceiling is a square matmul in fp32 and bf16 measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from pipeline.model import (
+    DenseConv2d,
+    DenseConvTranspose2d,
+    build_discriminator,
+    build_generator,
+)
+from pipeline.objective import region
+from pipeline.trainer import Trainer
+
+CIFAR_YAML = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10.yaml"
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "avx512_bf16" if "avx512_bf16" in flags else torch.backends.cpu.get_cpu_capability()
+    desc = (
+        f"CPU {cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if device.type == "cuda":
+        desc += f"; GPU {torch.cuda.get_device_name(device)}"
+    return desc
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = timed(lambda: a @ b, device, warmup=2, iters=8 if device.type == "cpu" else 50)
+    return 2 * n**3 / sec / 1e9
+
+
+def make_batch(model: ModelConfig, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Synthetic centre-masked batch: images in [-1, 1], mean-filled interior."""
+    s, t = model.image_size, model.image_size // 2
+    ring = max(1, round(4 * s / 128))
+    image = torch.rand(batch, 3, s, s, device=device) * 2 - 1
+    mask = torch.zeros(batch, 1, s, s, device=device)
+    lo, hi = (s - t) // 2 + ring, (s + t) // 2 - ring
+    mask[..., lo:hi, lo:hi] = 1
+    return {"image": image, "input": image * (1 - mask), "mask": mask}
+
+
+def plain(module: nn.Module) -> nn.Module:
+    """The same network with the matmul-computed bottleneck layers turned back into the plain
+    nn.Conv2d / nn.ConvTranspose2d the ports use (same weights, same math, stock kernels)."""
+    for m in module.modules():
+        if isinstance(m, DenseConv2d):
+            m.__class__ = nn.Conv2d
+        elif isinstance(m, DenseConvTranspose2d):
+            m.__class__ = nn.ConvTranspose2d
+    return module
+
+
+class ReferenceStep:
+    """The popular ports' step: sigmoid D + BCELoss, default Adam, fp32 NCHW, plain convs."""
+
+    def __init__(self, model: ModelConfig, device: torch.device):
+        self.model = model
+        self.g = plain(build_generator(model)).to(device)
+        self.d = nn.Sequential(plain(build_discriminator(model)), nn.Sigmoid()).to(device)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-3, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.bce = nn.BCELoss()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        target, mask = region(batch["image"], self.model), region(batch["mask"], self.model)
+        self.d.zero_grad()
+        out = self.d(target)
+        self.bce(out, torch.ones_like(out)).backward()
+        fake = self.g(batch["input"])
+        out = self.d(fake.detach())
+        self.bce(out, torch.zeros_like(out)).backward()
+        self.opt_d.step()
+        self.g.zero_grad()
+        out = self.d(fake)
+        err_adv = self.bce(out, torch.ones_like(out))
+        w = mask + 10.0 * (1 - mask)
+        err_rec = (w * (fake - target).pow(2)).mean()
+        (0.001 * err_adv + 0.999 * err_rec).backward()
+        self.opt_g.step()
+
+
+def step_gflop_per_image(model: ModelConfig, device: torch.device) -> float:
+    """FLOPs of one reference training step per image (forward + backward, all matmuls)."""
+    ref, batch = ReferenceStep(model, device), make_batch(model, 4, device)
+    with FlopCounterMode(display=False) as counter:
+        ref(batch)
+    return counter.get_total_flops() / 4 / 1e9
+
+
+def ours(model: ModelConfig, device: torch.device, batch: int, **train) -> Callable:
+    cfg = Config(
+        data=DataConfig(image_size=model.image_size, batch_size=batch),
+        model=model,
+        train=TrainConfig(**train),
+    )
+    trainer = Trainer(cfg, device)
+    return trainer.train_step
+
+
+def run(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    print(machine(device))
+    ceil32 = matmul_gflops(device, torch.float32)
+    ceil16 = matmul_gflops(device, torch.bfloat16)
+    print(f"matmul ceiling: fp32 {ceil32:.0f} GFLOP/s, bf16 {ceil16:.0f} GFLOP/s")
+    configs = [("paper 128px", ModelConfig(), args.batch)]
+    if not args.skip_cifar:
+        cifar = load_config(CIFAR_YAML).model if CIFAR_YAML.is_file() else ModelConfig(32)
+        configs.append((f"cifar 32px w{cifar.width} b{cifar.bottleneck}", cifar, args.batch))
+    variants = [
+        ("ours fp32 NCHW", {"precision": "fp32"}),
+        ("ours fp32 channels_last", {"precision": "fp32", "channels_last": True}),
+        ("ours bf16 NCHW", {"precision": "bf16"}),
+        ("ours bf16 channels_last", {"precision": "bf16", "channels_last": True}),
+    ]
+    if args.compile:
+        variants.append(
+            (
+                "ours bf16 cl + compile",
+                {"precision": "bf16", "channels_last": True, "compile": True},
+            )
+        )
+    rows = []
+    for name, model, b in configs:
+        gflop = step_gflop_per_image(model, device)
+        batch = make_batch(model, b, device)
+        ref = ReferenceStep(model, device)
+        base = b / timed(partial(ref, batch), device, args.warmup, args.iters)
+        rows.append((name, "reference (fp32 NCHW, BCELoss, Adam)", base, 1.0, gflop))
+        del ref
+        for vname, train in variants:
+            step = ours(model, device, b, **train)
+            ips = b / timed(partial(step, batch), device, args.warmup, args.iters)
+            rows.append((name, vname, ips, ips / base, gflop))
+            del step
+    print_table(rows, ceil32, ceil16, args)
+
+
+def print_table(rows: list, ceil32: float, ceil16: float, args: argparse.Namespace) -> None:
+    print(
+        f"\nbatch {args.batch}, warm-up {args.warmup}, timed {args.iters} steps; GFLOP/s = "
+        "reference FLOPs per image x images/s"
+    )
+    head = (
+        f"{'config':<24} {'variant':<38} {'img/s':>8} {'vs ref':>7} {'GFLOP/s':>8} "
+        f"{'% fp32':>7} {'% bf16':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for cfg, variant, ips, ratio, gflop in rows:
+        rate = ips * gflop
+        print(
+            f"{cfg:<24} {variant:<38} {ips:8.1f} {ratio:6.2f}x {rate:8.1f} "
+            f"{100 * rate / ceil32:6.0f}% {100 * rate / ceil16:6.0f}%"
+        )
+    gflops = {cfg: g for cfg, *_, g in rows}
+    print(
+        "\nGFLOP per image per step (counted): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in gflops.items())
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
+    p.add_argument("--skip-cifar", action="store_true")
+    torch.manual_seed(0)
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
