@@ -234,11 +234,14 @@ def _free_port() -> int:
 def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
     """`ray start --head`, then `ray job submit` of the job, as a user on a cluster would."""
     gcs, dash = _free_port(), _free_port()
+    # Ray 2.60 turns on token auth when ~/.ray/auth_token exists (a local ray.init may write
+    # it), and the job CLI then needs RAY_AUTH_MODE=token. Both sides bind to 127.0.0.1 here,
+    # so the test pins the mode instead of depending on what earlier runs left in $HOME.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={tmp_path / 'ray'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )  # fmt: skip
     try:
         args = tiny(tmp_path, *cifar_small, **{"run.run_name": "submitted"})
@@ -247,7 +250,7 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
             "--working-dir", str(REPO), "--", "python", "-m", "jobs.pretrain", *args,
         ]  # fmt: skip
         for _ in range(60):  # the dashboard takes a few seconds to come up
-            out = subprocess.run(submit, capture_output=True, text=True, timeout=400)
+            out = subprocess.run(submit, capture_output=True, text=True, timeout=400, env=env)
             if "Failed to connect" not in out.stdout + out.stderr:
                 break
             time.sleep(2)
