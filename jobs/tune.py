@@ -294,7 +294,10 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
             uri=uri,
             parent_run_id=parent_id,
         ),  # fmt: skip
-        {"CPU": 0},
+        # Drivers only wait on their Train workers: no CPU, so admitted trials never hold the
+        # CPUs their own workers need. A placement group bundle cannot be empty, hence the
+        # token 1 MiB of Ray's "memory" resource.
+        {"CPU": 0, "memory": 1 << 20},
     )
     mode = MODES[settings.objective]
     concurrency = concurrent_trials(settings, base_cfg, ray.cluster_resources().get("CPU", 1))
