@@ -55,8 +55,9 @@ class CacheKey:
 def checksum(f: Features) -> str:
     h = hashlib.sha256()
     h.update("\n".join(map(str, f.keys)).encode())
-    h.update(np.ascontiguousarray(f.labels, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(f.x, dtype=np.float32).tobytes())
+    # memoryviews, not tobytes(): no second copy of a features array that can be gigabytes.
+    h.update(memoryview(np.ascontiguousarray(f.labels, dtype=np.int64)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(f.x, dtype=np.float32)).cast("B"))
     return h.hexdigest()
 
 

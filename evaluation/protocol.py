@@ -37,7 +37,7 @@ from evaluation.probe import ProbeSettings, fit_probe, predict, score_probe
 
 log = logging.getLogger(__name__)
 
-RANDOM_INIT, RAW_PIXELS = "random_init", "raw_pixels"
+RANDOM_INIT, RAW_PIXELS, MEAN_FILL = "random_init", "raw_pixels", "mean_fill"
 INPAINT_LAYER = "output"  # the table's layer for inpainting rows (the decoder's output)
 
 
@@ -112,8 +112,9 @@ def load_all(
     tracking_uri: str | None,
 ) -> list[Encoder]:
     """The given encoders (loaded), then the baselines, all checked against `image_size`."""
-    if any(name in s.baselines for name in encoders):
-        raise ValueError(f"encoder names {list(encoders)} clash with the baselines {s.baselines}")
+    reserved = {*s.baselines, MEAN_FILL}
+    if clash := sorted(reserved & set(encoders)):
+        raise ValueError(f"encoder name(s) {clash} are reserved for baselines {sorted(reserved)}")
     loaded = []
     for name, uri in encoders.items():
         if uri is None:
@@ -187,7 +188,7 @@ def evaluate_encoders(
     # The mean-colour fill (the masked input itself) is the floor every inpainter must beat;
     # masks are deterministic per key, so one row per mask kind.
     for kind, fill in fills.items():
-        rows += report.rows_for("mean_fill", f"{INPAINT_LAYER}:{kind}", fill)
+        rows += report.rows_for(MEAN_FILL, f"{INPAINT_LAYER}:{kind}", fill)
     table = report.make_table(rows)
     _write_outputs(table, predictions, out_dir, _class_names(test_urls))
     return table

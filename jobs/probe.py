@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-tasks", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-dim", type=int, default=4096, help="pooled feature size per layer")
-    p.add_argument("--c-grid", default="0.001,0.01,0.1,1.0")
-    p.add_argument("--sweep-max-samples", type=int, default=10_000)
+    p.add_argument("--c-grid", default=",".join(map(str, ProbeSettings.c_grid)))
+    p.add_argument("--sweep-max-samples", type=int, default=ProbeSettings.sweep_max_samples)
+    p.add_argument("--max-iter", type=int, default=ProbeSettings.max_iter)
     p.add_argument("--inpaint-images", type=int, default=2000)
     return p.parse_args(argv)  # fmt: skip
 
@@ -63,7 +64,9 @@ def settings_from(args: argparse.Namespace) -> ProtocolSettings:
     return ProtocolSettings(
         batch_size=args.batch_size,
         max_dim=args.max_dim,
-        probe=ProbeSettings(c_grid=grid, sweep_max_samples=args.sweep_max_samples),
+        probe=ProbeSettings(
+            c_grid=grid, sweep_max_samples=args.sweep_max_samples, max_iter=args.max_iter
+        ),
         inpaint_images=args.inpaint_images,
     )
 
@@ -124,10 +127,10 @@ def main(argv: list[str] | None = None) -> str:
             use_ray=args.ray,
             ray_tasks=args.ray_tasks,
         )
-        params = {f"encoder.{n}": u for n, u in encoders.items()} | {
-            k: getattr(args, k) for k in ("train_shards", "test_shards", "layers", "image_size",
-                                          "max_dim", "c_grid", "sweep_max_samples", "ray")
-        }  # fmt: skip
+        logged = ("train_shards", "test_shards", "layers", "image_size", "max_dim", "c_grid",
+                  "sweep_max_samples", "max_iter", "ray")  # fmt: skip
+        params = {f"encoder.{n}": u for n, u in encoders.items()}
+        params |= {k: getattr(args, k) for k in logged}
         log_results(RunLogger(uri, run_id), table, out_dir, params)
         ok = True
     finally:

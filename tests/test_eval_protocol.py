@@ -183,3 +183,17 @@ def test_cifar10_encoder_and_baselines_side_by_side(cifar_dir, encoder_path, tmp
     assert all(0.2 < v < 0.6 for v in top1.values()), top1
     assert value(df, "raw_pixels", "pixels", "knn_top1") > 0.2
     assert value(df, "ce", "output", "inpaint_l1") > 0
+
+
+def test_baseline_names_are_reserved(shards, encoder_path, tmp_path):
+    with pytest.raises(ValueError, match=r"\['raw_pixels'\] are reserved"):
+        evaluate_encoders(
+            {"raw_pixels": encoder_path},
+            train_urls=shards[0],
+            test_urls=shards[1],
+            layers=None,
+            cache_dir=tmp_path / "cache",
+            out_dir=tmp_path / "out",
+            image_size=32,
+        )
+    assert not (tmp_path / "cache").exists()
