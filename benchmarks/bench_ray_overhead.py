@@ -93,8 +93,8 @@ def main() -> None:
 
     base = rows[0][1]
     cpu = _cpu_name()
-    print(f"\nRay Train overhead — {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.steps} steps of batch 32 per worker, 32-px CIFAR-10 (width 32, bottleneck 256)")  # fmt: skip
+    print(f"\nRay Train overhead — {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{args.steps} steps, batch 32 per worker, 32-px CIFAR-10 (width 32, bottleneck 256)")
     print(f"{'setting':<16}{'images/s':>10}{'vs in-process':>15}{'wall s (incl. start)':>22}")
     for label, rate, wall in rows:
         print(f"{label:<16}{rate:>10.1f}{rate / base:>14.2f}x{wall:>22.1f}")
