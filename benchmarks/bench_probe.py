@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -33,21 +32,12 @@ from sklearn.preprocessing import StandardScaler
 from evaluation.extraction import SplitSpec, split_features
 from evaluation.features import load_encoder
 from evaluation.probe import ProbeSettings, fit_probe, score_probe
+from machine import cpu_model
 from pipeline.checkpoint import save_encoder
 from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.model import build_generator
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def naive_fit(x, y, grid, max_iter, seed):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from machine import cpu_model
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def main() -> None:
     ray.shutdown()
 
     base = rows[0][1]
-    cpu = _cpu_name()
+    cpu = cpu_model()
     print(f"\nRay Train overhead — {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"{args.steps} steps, batch 32 per worker, 32-px CIFAR-10 (width 32, bottleneck 256)")
     print(f"{'setting':<16}{'images/s':>10}{'vs in-process':>15}{'wall s (incl. start)':>22}")
@@ -101,16 +101,6 @@ def main() -> None:
     overhead = 1 - rows[1][1] / base
     verdict = "meets" if overhead <= 0.05 else "misses"
     print(f"\nRay 1-worker overhead: {overhead * 100:+.1f} % ({verdict} the <= 5 % target)")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

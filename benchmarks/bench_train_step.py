@@ -17,8 +17,6 @@ ceiling is a square matmul in fp32 and bf16 measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from machine import describe as machine
 from pipeline.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
 from pipeline.model import (
     DenseConv2d,
@@ -40,26 +39,6 @@ from pipeline.objective import region
 from pipeline.trainer import Trainer
 
 CIFAR_YAML = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10.yaml"
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "avx512_bf16" if "avx512_bf16" in flags else torch.backends.cpu.get_cpu_capability()
-    desc = (
-        f"CPU {cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    if device.type == "cuda":
-        desc += f"; GPU {torch.cuda.get_device_name(device)}"
-    return desc
 
 
 def sync(device: torch.device) -> None:

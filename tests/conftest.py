@@ -32,6 +32,18 @@ def cifar_test(cifar_dir: Path) -> str:
     return str(cifar_dir / "cifar10-test-{000000..000001}.tar")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP barriers
+    under contention make a 10 ms step take seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the session (2 CPUs, like the machine), shut down at the end."""
