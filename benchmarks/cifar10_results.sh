@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/cifar10}
 STEPS=${STEPS:-1500}
+RUN_TAG=${RUN_TAG:-$(date +%Y%m%d-%H%M%S)}  # rerun with the same tag to resume
 DATA=${CE_CIFAR10_DIR:-../shared/datasets/cifar10}
-STAMP=$(date +%Y%m%d-%H%M%S)
 encoders=()
 for mask in center random_block random_region; do
   full=$([ "$mask" = center ] && echo false || echo true)
@@ -20,7 +20,7 @@ for mask in center random_block random_region; do
     data.val_shards="$DATA/cifar10-test-{000000..000001}.tar" \
     mask.kind=$mask model.full_image_output=$full train.max_steps=$STEPS \
     train.checkpoint_every=500 train.sample_every=500 \
-    run.output_root="$OUT" run.run_name="cifar10-$mask-$STAMP" | tee /dev/stderr)
+    run.output_root="$OUT" run.run_name="cifar10-$mask-$RUN_TAG" | tee /dev/stderr)
   echo "[cifar10] $mask: $(( $(date +%s) - start )) s for $STEPS steps" >&2
   encoders+=(--encoder "$mask=$(sed -n 's/^\[pretrain\] encoder: //p' <<< "$log")")
 done

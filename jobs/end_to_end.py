@@ -76,12 +76,14 @@ def best_trial_encoder(uri: str, parent_run_id: str, trial_id: str) -> str:
     return f"runs:/{runs[0].info.run_id}/encoder/generator.pt"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Runs the pipeline; returns the probe's MLflow run id."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output-root", default="outputs/e2e")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--trials", type=int, default=4, help="Tune trials")
     p.add_argument("--trial-steps", type=int, default=90, help="steps per Tune trial")
+    p.add_argument("--layers", default="conv2,conv3,bottleneck", help="encoder layers to probe")
     args = p.parse_args(argv)
 
     from jobs import probe
@@ -103,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     best_uri = best_trial_encoder(found.tracking_uri, found.parent_run_id, best_id)
 
     _stage("4/4 linear probes and kNN on frozen features vs random init and raw pixels", t0)
-    probe.main([
+    probe_run = probe.main([
         "--encoder", f"pretrained=runs:/{pre.mlflow_run_id}/encoder/generator.pt",
         "--encoder", f"tune_best={best_uri}",
         "--train-shards", train, "--test-shards", test, "--image-size", "32",
         "--output-root", str(root), "--tracking-uri", pre.tracking_uri,
-        "--experiment", "digits-probe", "--inpaint-images", "0",
+        "--experiment", "digits-probe", "--inpaint-images", "0", "--layers", args.layers,
     ])  # fmt: skip
 
     _stage("done", t0)
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tune search:   {found.parent_run_id}  (best config {found.best_config_path})")
     print("see every run: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "
           f"{pre.tracking_uri}")  # fmt: skip
+    return probe_run
 
 
 if __name__ == "__main__":

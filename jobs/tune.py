@@ -357,11 +357,28 @@ def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri:
     best_path = root / "best_config.yaml"
     best_path.write_text(dump_config(best_cfg))
 
+    _close_stopped_trials(uri, parent_id)
     logger = RunLogger(uri, parent_id)
     for f in ("trials.parquet", "trials.csv", "best_config.yaml"):
         logger.file(root / f)
     logger.metrics({f"best_{settings.objective}": float(best.metrics[settings.objective])}, 0)
     return SearchResult(table, best_path, parent_id, uri)
+
+
+def _close_stopped_trials(uri: str, parent_id: str) -> None:
+    """Trials ASHA stopped early are ended by Tune before their driver can close the MLflow
+    run: mark them KILLED (with a tag saying why) so no child run is left RUNNING."""
+    from pipeline.tracking import client
+
+    c = client(uri)
+    exp = c.get_run(parent_id).info.experiment_id
+    children = c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )  # fmt: skip
+    for run in children:
+        if run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "ce.stopped_early", "true")
+            c.set_terminated(run.info.run_id, status="KILLED")
 
 
 def main(argv: list[str] | None = None) -> SearchResult:

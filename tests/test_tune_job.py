@@ -70,7 +70,7 @@ def test_three_trial_search(tmp_path, ray_local, cifar_dir):
     runs = c.search_runs([exp.experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
     assert len(children) == 3
-    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)  # KILLED: ASHA
     assert all("knn_top1" in r.data.metrics for r in children)
     parent = c.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
