@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
@@ -54,6 +53,7 @@ from pipeline.transforms import (
     BadSample,
     center_crop,
     decode_resized,
+    flip_rows,
     image_member,
     parse_label,
     sample_seed,
@@ -86,33 +86,35 @@ class SampleSpec:
         return self.data.resize or self.data.image_size
 
 
-def decode_sample(
-    spec: SampleSpec, key: str, sample: dict[str, bytes]
-) -> tuple[Image.Image, int | None]:
-    """The S x S RGB crop and the label of one raw sample; raises BadSample."""
+def decode_sample(spec: SampleSpec, key: str, sample: dict[str, bytes]) -> tuple:
+    """(S x S RGB crop as a PIL core image (see transforms), label, flip, seed) of one raw
+    sample; flip: whether the crop is to be mirrored; seed: sample_seed, or 0 when neither
+    the transform nor the mask draws from it. Raises BadSample."""
     label = parse_label(sample)
     img = decode_resized(image_member(sample), spec.short_side)
     size = spec.data.image_size
+    rseed = (
+        sample_seed(spec.seed, spec.epoch, key) if spec.train or spec.mask.kind != "center" else 0
+    )
     if spec.train:
-        rseed = sample_seed(spec.seed, spec.epoch, key)
-        return train_crop(img, size, rseed, spec.data.flip), label
-    return center_crop(img, size), label
+        return (*train_crop(img, size, rseed, spec.data.flip), label, rseed)
+    return center_crop(img, size), False, label, rseed
 
 
 def decode_many(spec: SampleSpec, raws: list[Raw]) -> tuple[list, int]:
-    """Decoded (key, pixels, label) of the good samples, and how many were skipped. Samples
-    missing `cls` in a batch where others have it count as bad (a label is never invented)."""
+    """Decoded (key, pixels, flip, label, seed) of the good samples (see decode_sample), and
+    how many were skipped. Samples missing `cls` in a batch where others have it count as bad
+    (a label is never invented)."""
     good, skipped = [], 0
     for key, url, sample in raws:
         try:
-            pixels, label = decode_sample(spec, key, sample)
+            good.append((key, *decode_sample(spec, key, sample)))
         except BadSample as e:
             log.warning("skipping sample %s in %s: %s", key, url, e)
             skipped += 1
-            continue
-        good.append((key, pixels, label))
-    if any(g[2] is not None for g in good) and any(g[2] is None for g in good):
-        keep = [g for g in good if g[2] is not None]
+    labelled = sum(g[3] is not None for g in good)
+    if 0 < labelled < len(good):
+        keep = [g for g in good if g[3] is not None]
         log.warning("skipping %d samples without a cls label", len(good) - len(keep))
         skipped += len(good) - len(keep)
         good = keep
@@ -120,30 +122,28 @@ def decode_many(spec: SampleSpec, raws: list[Raw]) -> tuple[list, int]:
 
 
 def collate(spec: SampleSpec, good: list, valid: list[bool], skipped: int) -> dict[str, Any]:
-    """The batch dict of the contract (see build_loader)."""
+    """The batch dict of the contract (see build_loader). Whole-batch numpy work: one export
+    of the pasted canvas, one uint8 -> float32 conversion, flips, masks and fill for all
+    samples at once."""
     size = spec.data.image_size
-    keys = [g[0] for g in good]
+    keys, crops, flips, labels, seeds = (list(col) for col in zip(*good, strict=True))
     # numpy, not torch: single-threaded, so N loader workers do not oversubscribe the cores.
-    pixels = stack_images([g[1] for g in good], size)  # (B, S, S, 3) uint8
+    pixels = stack_images(crops, size)  # (B, S, S, 3) uint8
     image = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, S, S)
-    image *= 1 / 127.5
-    image -= 1.0
-    seeds = (
-        [sample_seed(spec.seed, spec.epoch, k) for k in keys]
-        if spec.mask.kind != "center"
-        else [0] * len(keys)
-    )
+    image *= np.float32(1 / 127.5)
+    image -= np.float32(1.0)
+    flip_rows(image, flips)
     mask = batch_masks(spec.mask, size, seeds)
     batch = {
         "image": torch.from_numpy(image),
         "input": torch.from_numpy(fill_masked(image, mask, spec.mask)),
         "mask": torch.from_numpy(mask),
         "key": keys,
-        "valid": torch.tensor(valid, dtype=torch.bool),
+        "valid": torch.from_numpy(np.array(valid, dtype=bool)),
         "skipped": skipped,
     }
-    if good and all(g[2] is not None for g in good):
-        batch["label"] = torch.tensor([g[2] for g in good], dtype=torch.int64)
+    if None not in labels:
+        batch["label"] = torch.from_numpy(np.array(labels, dtype=np.int64))
     return batch
 
 
@@ -246,17 +246,18 @@ class _EpochStream(IterableDataset):
         mine = _my_batches(len(self.batches), self.start_batch)
         planned = [self.batches[j] for j in mine]
         needed = np.sort(np.concatenate([b[b >= 0] for b in planned] + [np.empty(0, int)]))
-        reader, pool, ahead, last_good = self._read(needed), {}, None, []
+        reader, pool, top, last_good = self._read(needed), {}, -1, []
         for b in planned:
             real = b[b >= 0]
-            if len(real):
-                last = int(real.max())
-                while ahead is None or ahead[0] <= last:
-                    if ahead is not None:
-                        pool[ahead[0]] = ahead[1]
-                    ahead = next(reader, (math.inf, None))
-                    if ahead[1] is None:
+            last = int(real.max()) if len(real) else -1
+            if top < last:  # read on until this batch's samples are in the pool (or lost)
+                for g, raw in reader:
+                    pool[g] = raw
+                    if g >= last:
+                        top = g
                         break
+                else:
+                    top = math.inf
             raws = [pool.pop(g) for g in real.tolist() if g in pool]
             lost = len(real) - len(raws)
             good, skipped = decode_many(self.spec, raws)

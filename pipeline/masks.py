@@ -1,7 +1,9 @@
 """The three region shapes of Context Encoders (METHOD.md), one mask per sample.
 
 A mask is a (S, S) bool array, True = dropped (filled with the mean colour, to be predicted).
-Random masks take a numpy Generator, seeded per sample by the caller from (seed, epoch, key).
+Random masks are a function of a per-sample seed that the caller derives from (seed, epoch,
+key): random blocks draw from a numpy Generator per sample, random regions (vectorised over
+the batch) from a counter-based hash of the seed.
 """
 
 from __future__ import annotations
@@ -85,52 +87,106 @@ def _smoothing_matrix(cells: int, size: int) -> np.ndarray:
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    w = _smoothing_matrix(cells, size)
-    return w @ rng.standard_normal((cells, cells), dtype=np.float32) @ w.T
+# splitmix64 constants: a counter-based generator, so a batch draws all its masks' random numbers
+# in a few array operations while each mask stays a function of its own sample seed only.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _top_k(field: np.ndarray, k: int, lo: int, hi: int) -> np.ndarray:
-    """About the k largest pixels: the threshold comes from a strided subsample (cheap, and the
-    field is smooth), accepted when the cover lands in [lo, hi]; otherwise exactly k."""
-    step = max(1, field.shape[0] // 32)
-    sub = field[::step, ::step].ravel()
-    j = min(sub.size - 1, max(0, round(sub.size * (1 - k / field.size))))
-    m = field >= np.partition(sub, j)[j]
-    if lo <= np.count_nonzero(m) <= hi:
-        return m
-    flat = field.ravel()
-    exact = np.zeros(flat.size, dtype=bool)
-    exact[np.argpartition(flat, flat.size - k)[flat.size - k :]] = True
-    return exact.reshape(field.shape)
+def hashed_uniforms(seeds: list[int], n: int, salt: int) -> np.ndarray:
+    """(B, n) float32 uniforms in (0, 1), 24 bits each: draw i of sample b is
+    splitmix64(seeds[b] + (salt + i + 1) * gamma), so row b depends on seeds[b] alone (not on
+    the batch it lands in)."""
+    s = np.asarray(seeds, dtype=np.uint64).reshape(-1, 1)
+    x = s + (np.arange(n, dtype=np.uint64) + np.uint64(salt + 1)) * _GAMMA  # wraps mod 2**64
+    x ^= x >> np.uint64(30)
+    x *= _MIX1
+    x ^= x >> np.uint64(27)
+    x *= _MIX2
+    x ^= x >> np.uint64(31)
+    return ((x >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
 
 
-def random_region_mask(
-    rng: np.random.Generator, size: int, min_cover: float, max_cover: float
+def _normals(u: np.ndarray) -> np.ndarray:
+    """Box-Muller: (B, 2m) float32 uniforms -> (B, 2m) float32 standard normals."""
+    u1, u2 = u[:, 0::2], u[:, 1::2]
+    r, a = np.sqrt(np.float32(-2.0) * np.log(u1)), np.float32(2.0 * np.pi) * u2
+    return np.concatenate([r * np.cos(a), r * np.sin(a)], axis=1)
+
+
+def _region_fields(cells: np.ndarray, grids: np.ndarray, size: int) -> np.ndarray:
+    """(B, S, S) smooth fields: a cells x cells octave plus 0.35 x a 2*cells octave, both
+    upsampled with `W @ grid @ W.T`, batched over the samples that share a cell count.
+    grids (B, 180): the first 36 fill a 6 x 6 grid, the next 144 a 12 x 12 one; a sample
+    with c cells uses their top-left c x c and 2c x 2c corners."""
+    fine_all = grids[:, 36:].reshape(-1, 12, 12)
+    coarse_all = grids[:, :36].reshape(-1, 6, 6)
+    field = np.empty((len(cells), size, size), dtype=np.float32)
+    for c in np.unique(cells).tolist():
+        rows = np.flatnonzero(cells == c)
+        w1, w2 = _smoothing_matrix(c, size), _smoothing_matrix(2 * c, size)
+        coarse = w1 @ coarse_all[rows, :c, :c] @ w1.T
+        fine = w2 @ fine_all[rows, : 2 * c, : 2 * c] @ w2.T
+        field[rows] = coarse + np.float32(0.35) * fine
+    return field
+
+
+def _top_k(field: np.ndarray, k: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(B, S, S) bool, about the k[b] largest pixels of each field: thresholds come from a
+    strided subsample (cheap, and the fields are smooth), accepted where the cover lands in
+    [lo, hi]; the other rows get exactly k[b] from a full sort."""
+    b, size = len(field), field.shape[-1]
+    step = max(2, size // 32)
+    sub = np.sort(field[:, ::step, ::step].reshape(b, -1), axis=1)
+    n = sub.shape[1]
+    j = np.clip(np.rint(n * (1 - k / size**2)).astype(np.int64), 0, n - 1)
+    masks = field >= sub[np.arange(b), j][:, None, None]
+    cover = np.count_nonzero(masks.reshape(b, -1), axis=1)
+    bad = np.flatnonzero((cover < lo) | (cover > hi))
+    if len(bad):
+        flat = np.sort(field[bad].reshape(len(bad), -1), axis=1)
+        thr = flat[np.arange(len(bad)), size * size - k[bad]]
+        masks[bad] = field[bad] >= thr[:, None, None]
+    return masks
+
+
+def random_region_masks(
+    seeds: list[int], size: int, min_cover: float, max_cover: float
 ) -> np.ndarray:
-    """Free-form blobs: smooth noise (two octaves of Gaussian noise, smoothly interpolated)
-    thresholded so that a share drawn in [min_cover, max_cover] of the pixels drop. A
-    procedural stand-in for the paper's pasted PASCAL segmentation shapes."""
+    """(B, S, S) bool free-form blobs, one per sample seed: smooth noise (two octaves of
+    Gaussian noise, smoothly interpolated) thresholded so that a share drawn in [min_cover,
+    max_cover] of the pixels drop. A procedural stand-in for the paper's pasted PASCAL
+    segmentation shapes. All draws come from `hashed_uniforms`: vectorised over the batch,
+    ~10x cheaper than a numpy Generator per sample at 32 px."""
     lo, hi = _cover_bounds(size, min_cover, max_cover)
-    cells = int(rng.integers(3, 7))
-    field = _smooth_noise(rng, size, cells) + 0.35 * _smooth_noise(rng, size, 2 * cells)
-    return _top_k(field, int(rng.integers(lo, hi + 1)), lo, hi)
+    u = hashed_uniforms(seeds, 2 + 180, salt=0x5E6)
+    cells = 3 + np.minimum((u[:, 0] * 4).astype(np.int64), 3)
+    k = lo + np.minimum((u[:, 1] * (hi - lo + 1)).astype(np.int64), hi - lo)
+    return _top_k(_region_fields(cells, _normals(u[:, 2:]), size), k, lo, hi)
+
+
+@functools.lru_cache(maxsize=16)
+def _center_mask_f32(size: int, overlap: int) -> np.ndarray:
+    m = center_mask(size, overlap).astype(np.float32)
+    m.flags.writeable = False  # shared by every batch
+    return m
 
 
 def batch_masks(cfg: MaskConfig, size: int, seeds: list[int]) -> np.ndarray:
-    """(B, 1, S, S) float32 masks, 1 = dropped, one per sample seed."""
+    """(B, 1, S, S) float32 masks, 1 = dropped, one per sample seed (a function of the seed
+    alone; the centre mask ignores it)."""
     if cfg.kind == "center":
-        m = center_mask(size, scaled_overlap(cfg, size)).astype(np.float32)
+        m = _center_mask_f32(size, scaled_overlap(cfg, size))
         return np.broadcast_to(m, (len(seeds), 1, size, size)).copy()
+    if cfg.kind == "random_region":
+        masks = random_region_masks(seeds, size, cfg.min_cover, cfg.max_cover)
+        return masks[:, None].astype(np.float32)
+    if cfg.kind != "random_block":
+        raise ValueError(f"unknown mask.kind {cfg.kind!r}")
     out = np.empty((len(seeds), 1, size, size), dtype=np.float32)
     for i, s in enumerate(seeds):
         rng = np.random.default_rng(s)
-        if cfg.kind == "random_block":
-            out[i, 0] = random_block_mask(rng, size, cfg.min_cover, cfg.max_cover, cfg.max_blocks)
-        elif cfg.kind == "random_region":
-            out[i, 0] = random_region_mask(rng, size, cfg.min_cover, cfg.max_cover)
-        else:
-            raise ValueError(f"unknown mask.kind {cfg.kind!r}")
+        out[i, 0] = random_block_mask(rng, size, cfg.min_cover, cfg.max_cover, cfg.max_blocks)
     return out
 
 

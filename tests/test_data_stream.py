@@ -271,3 +271,60 @@ def test_bad_arguments(digits_shards: str) -> None:
         build_loader(
             DataConfig(batch_size=16), MaskConfig(), urls=digits_shards, train=True, start_batch=99
         )
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("chunk", [512, 1536, 1 << 20])
+def test_tar_reader_groups_skips_and_truncates(monkeypatch, fmt: int, chunk: int) -> None:
+    # Members straddling the read-ahead window, names in folders, long names (GNU / pax; the
+    # ustar prefix field for ustar), a member without an extension, a big member, skipped
+    # samples: the reader must agree with the grouping by key, and with tarfile's bytes.
+    import pipeline.shards_read as sr
+
+    monkeypatch.setattr(sr, "CHUNK", chunk)
+    long_dir = "d" * 90 + "/" + "e" * 60
+    members = [
+        ("a.jpg", b"x" * 700),
+        ("a.cls", b"1"),
+        ("sub/b.seg.PNG", bytes(range(256)) * 9),
+        ("sub/b.cls", b" 2\n"),
+        ("README", b"no extension"),
+        (f"{long_dir}/c.jpg", b"y" * 5000),
+        (f"{long_dir}/c.cls", b"3"),
+        ("d.jpg", b"z" * 1),
+    ]
+    blob = _tar_bytes(members, fmt)
+    want = {
+        "a": {"jpg": b"x" * 700, "cls": b"1"},
+        "sub/b": {"seg.png": bytes(range(256)) * 9, "cls": b" 2\n"},
+        f"{long_dir}/c": {"jpg": b"y" * 5000, "cls": b"3"},
+        "d": {"jpg": b"z"},
+    }
+    got = list(sr.iter_tar_samples(io.BytesIO(blob), lambda _: True))
+    assert [(i, k) for i, k, _ in got] == list(enumerate(want))
+    assert all(s == want[k] for _, k, s in got)
+    some = list(sr.iter_tar_samples(io.BytesIO(blob), {1, 3}.__contains__))
+    assert [(i, k) for i, k, _ in some] == [(1, "sub/b"), (3, "d")]
+    assert sr.count_tar_samples(io.BytesIO(blob)) == (4, None)
+    # Cut inside c.jpg: a and b come out, then the error; the count sees c's header.
+    cut = blob[: blob.index(b"y" * 5000) + 100]
+    out = []
+    with pytest.raises(sr.TarReadError):
+        for _, k, _ in sr.iter_tar_samples(io.BytesIO(cut), lambda _: True):
+            out.append(k)
+    assert out == ["a", "sub/b"]
+    n, err = sr.count_tar_samples(io.BytesIO(cut))
+    assert n == 3 and err

@@ -93,3 +93,24 @@ def test_loader_masks_depend_on_seed_epoch_and_key(tmp_path) -> None:
     assert a.keys() == b.keys() == c.keys() and len(a) == 40
     assert all(torch.equal(a[k], b[k]) for k in a)  # rank layout does not change a mask
     assert sum(not torch.equal(a[k], c[k]) for k in a) > 30  # a new epoch draws new masks
+
+
+@pytest.mark.parametrize("kind", ["random_block", "random_region"])
+def test_a_mask_depends_on_its_seed_alone(kind: str) -> None:
+    # Vectorised over the batch, yet a sample's mask must not depend on its batch-mates.
+    cfg = MaskConfig(kind=kind)
+    seeds = [3, 2**64 - 1, 0, 12345678901234567890, 7]
+    whole = batch_masks(cfg, 32, seeds)
+    for i, s in enumerate(seeds):
+        assert np.array_equal(batch_masks(cfg, 32, [s])[0], whole[i])
+    assert np.array_equal(batch_masks(cfg, 32, seeds[::-1]), whole[::-1])
+
+
+def test_hashed_uniforms_are_uniform_and_per_seed() -> None:
+    from pipeline.masks import hashed_uniforms
+
+    u = hashed_uniforms(list(range(256)), 64, salt=1)
+    assert u.dtype == np.float32 and (u > 0).all() and (u < 1).all()
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12**-0.5) < 0.01
+    assert np.array_equal(hashed_uniforms([5], 64, salt=1)[0], u[5])
+    assert not np.array_equal(hashed_uniforms([5], 64, salt=2)[0], u[5])
