@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,39 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
     _, runs = mlflow_run(uri, "test-pretrain")
     assert [r.data.tags[RUN_NAME_TAG] for r in runs] == ["submitted"]
     assert runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_against_an_mlflow_server(tmp_path, ray_local, cifar_small):
+    """A real `mlflow server` on loopback: params, metrics and artifacts go over HTTP."""
+    from jobs.pretrain import main
+
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # the server takes a while to answer on a busy machine
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        res = main(tiny(tmp_path, *cifar_small, **{"run.tracking_uri": uri,
+                   "run.num_workers": 1, "run.run_name": "served"}))  # fmt: skip
+        c, (run,) = mlflow_run(uri, "test-pretrain")
+        assert run.info.run_id == res.mlflow_run_id and run.info.status == "FINISHED"
+        assert run.data.params["run.tracking_uri"] == uri
+        assert "loss_rec" in run.data.metrics
+        assert "encoder" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # a throwaway server: no graceful shutdown
+        server.wait(timeout=30)
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing fell back to a local store
+    assert list((tmp_path / "artifacts").rglob("generator.pt"))  # stored by the server
