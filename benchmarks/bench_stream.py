@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import sys
 import tarfile
 import tempfile
@@ -27,6 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from machine import describe
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader
 
@@ -34,20 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu} | {os.cpu_count()} cores | load avg {load:.1f} | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | Pillow {Image.__version__} | Python "
-        f"{sys.version.split()[0]}"
-    )
+    return f"{describe()} | Pillow {Image.__version__} | Python {sys.version.split()[0]}"
 
 
 def image_bytes(urls: list[str]) -> list[bytes]:

@@ -26,9 +26,11 @@ def describe(device: torch.device | None = None) -> str:
     except OSError:
         flags = ""
     isa = "avx512_bf16" if "avx512_bf16" in flags else torch.backends.cpu.get_cpu_capability()
+    # The load average says how much else ran: on a shared machine it explains odd numbers.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     desc = (
-        f"CPU {cpu_model()} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"CPU {cpu_model()} ({isa}), {os.cpu_count()} cores, load avg {load:.1f}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     if device is not None and device.type == "cuda":
         desc += f"; GPU {torch.cuda.get_device_name(device)}"
