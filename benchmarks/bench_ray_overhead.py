@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.ray_connect import LOCAL_RAY
 from machine import cpu_model
 from pipeline.config import load_config
 
@@ -82,7 +83,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, **LOCAL_RAY)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for label, workers in (("in-process", 0), ("ray 1 worker", 1), ("ray 2 workers", 2)):

@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = root / "probe" / stamp
     if args.ray:
-        import ray
+        from jobs.ray_connect import connect_ray
 
-        ray.init(ignore_reinit_error=True)  # joins RAY_ADDRESS when set, else starts a local Ray
+        connect_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
     settings = settings_from(args)
     run_id = (
         client(uri)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+# A laptop run gets a local Ray whose dashboard listens on loopback only. The dashboard is not
+# optional: Ray Train's PlacementGroupCleaner asks its state API whether a controller is alive,
+# and without it the placement group of a Tune trial that ASHA stopped is never released (the
+# next trials then wait forever for its CPUs).
+LOCAL_RAY = {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+
 
 def connect_ray(address: str = "", num_cpus: int | None = None) -> str:
     """Join `address` (or $RAY_ADDRESS, set by `ray job submit`), else start a local Ray sized to
@@ -17,6 +23,5 @@ def connect_ray(address: str = "", num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return f"Ray cluster at {address}"
-    # A laptop run: local Ray bound to this machine, dashboard off (nothing listens beyond it).
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **LOCAL_RAY)
     return f"local Ray with {ray.cluster_resources().get('CPU', 0):.0f} CPUs"

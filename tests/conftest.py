@@ -49,7 +49,9 @@ def ray_local():
     """One real local Ray for the session (2 CPUs, like the machine), shut down at the end."""
     import ray
 
+    from jobs.ray_connect import LOCAL_RAY
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False, **LOCAL_RAY)
     yield ray
     ray.shutdown()
