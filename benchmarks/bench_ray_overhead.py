@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.ray_connect import LOCAL_RAY
+from jobs.ray_connect import start_local_ray
 from machine import cpu_model
 from pipeline.config import load_config
 
@@ -83,7 +83,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=False, **LOCAL_RAY)
+    start_local_ray(2, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for label, workers in (("in-process", 0), ("ray 1 worker", 1), ("ray 2 workers", 2)):

@@ -20,7 +20,7 @@ for mask in center random_block random_region; do
     data.val_shards="$DATA/cifar10-test-{000000..000001}.tar" \
     mask.kind=$mask model.full_image_output=$full train.max_steps=$STEPS \
     train.checkpoint_every=500 train.sample_every=500 \
-    run.output_root="$OUT" run.run_name="cifar10-$mask-$RUN_TAG" | tee /dev/stderr)
+    run.output_root="$OUT" run.run_name="cifar10-$mask-$RUN_TAG" | tee -a /dev/stderr)  # -a: never truncate a log stderr points to
   echo "[cifar10] $mask: $(( $(date +%s) - start )) s for $STEPS steps" >&2
   encoders+=(--encoder "$mask=$(sed -n 's/^\[pretrain\] encoder: //p' <<< "$log")")
 done

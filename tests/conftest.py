@@ -49,9 +49,9 @@ def ray_local():
     """One real local Ray for the session (2 CPUs, like the machine), shut down at the end."""
     import ray
 
-    from jobs.ray_connect import LOCAL_RAY
+    from jobs.ray_connect import start_local_ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=False, **LOCAL_RAY)
+        start_local_ray(2, log_to_driver=False)
     yield ray
     ray.shutdown()

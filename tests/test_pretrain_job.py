@@ -130,6 +130,14 @@ def test_missing_shards_fail_naming_the_pattern(tmp_path):
         main(tiny(tmp_path, pattern, ""))
 
 
+def _env_without_session_ray(**extra: str) -> dict[str, str]:
+    """The environment for a process that runs a Ray of its own: without the test session's
+    API-server address (jobs.ray_connect exports it), which would point that Ray's cleaner at
+    the wrong cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+    return env | extra
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (Ray titles them `ray::RayTrainWorker...`)."""
     pids = []
@@ -198,7 +206,7 @@ def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
            "train.checkpoint_every": 20, "train.log_every": 20},
     )  # fmt: skip
     cmd = [sys.executable, "-m", "jobs.pretrain", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    env = _env_without_session_ray(PYTHONUNBUFFERED="1", RAY_ADDRESS="")
     first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -238,7 +246,7 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
     # Ray 2.60 turns on token auth when ~/.ray/auth_token exists (a local ray.init may write
     # it), and the job CLI then needs RAY_AUTH_MODE=token. Both sides bind to 127.0.0.1 here,
     # so the test pins the mode instead of depending on what earlier runs left in $HOME.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = _env_without_session_ray(RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
