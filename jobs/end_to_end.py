@@ -60,20 +60,22 @@ def search(root: Path, train: str, test: str, steps: int, trials: int, stamp: st
     return run_search(settings, base)
 
 
-def best_trial_encoder(uri: str, parent_run_id: str, trial_id: str) -> str:
-    """The runs:/ URI of the encoder the best trial logged."""
+def best_trial_encoder(uri: str, parent_run_id: str, trial_ids: list[str]) -> str:
+    """The runs:/ URI of the encoder of the best trial that finished (`trial_ids` best first).
+    A trial ASHA stopped early never reached the end of training, where the encoder is logged."""
     from pipeline.tracking import client
 
     c = client(uri)
-    parent = c.get_run(parent_run_id)
-    runs = c.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`ce.trial_id` = '{trial_id}'",
-        max_results=1,
-    )
-    if not runs:
-        raise RuntimeError(f"no MLflow run for trial {trial_id} under search {parent_run_id}")
-    return f"runs:/{runs[0].info.run_id}/encoder/generator.pt"
+    experiment = c.get_run(parent_run_id).info.experiment_id
+    for trial_id in trial_ids:
+        runs = c.search_runs(
+            [experiment],
+            filter_string=f"tags.`ce.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        if runs:
+            return f"runs:/{runs[0].info.run_id}/encoder/generator.pt"
+    raise RuntimeError(f"no trial of search {parent_run_id} finished: {trial_ids}")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> str:
 
     _stage(f"3/4 Ray Tune search, {args.trials} trials of {args.trial_steps} steps", t0)
     found = search(root, train, test, args.trial_steps, args.trials, stamp)
-    best_id = str(found.table.iloc[0]["trial_id"])
-    best_uri = best_trial_encoder(found.tracking_uri, found.parent_run_id, best_id)
+    ranked = [str(t) for t in found.table["trial_id"]]  # the table is sorted best first
+    best_uri = best_trial_encoder(found.tracking_uri, found.parent_run_id, ranked)
 
     _stage("4/4 linear probes and kNN on frozen features vs random init and raw pixels", t0)
     probe_run = probe.main([

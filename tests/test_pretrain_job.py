@@ -227,10 +227,18 @@ def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
     assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss_rec")) == 300
 
 
-def test_loaded_yaml_configs_are_valid():
-    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
-        cfg = load_config(path)
-        assert cfg.model.image_size == cfg.data.image_size, path
+def test_shipped_yaml_configs_are_valid():
+    from jobs.tune import build_space, load_settings
+
+    paths = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        if path.name.startswith("tune_"):  # a search: its base config and its space
+            settings, base = load_settings(path)
+            assert build_space(settings, base)
+        else:
+            cfg = load_config(path)
+            assert cfg.model.image_size == cfg.data.image_size, path
 
 
 def _free_port() -> int:
@@ -242,14 +250,17 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
     """`ray start --head`, then `ray job submit` of the job, as a user on a cluster would."""
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, env_agent, metrics = (_free_port() for _ in range(6))
     # Ray 2.60 turns on token auth when ~/.ray/auth_token exists (a local ray.init may write
     # it), and the job CLI then needs RAY_AUTH_MODE=token. Both sides bind to 127.0.0.1 here,
     # so the test pins the mode instead of depending on what earlier runs left in $HOME.
     env = _env_without_session_ray(RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # the test session's own Ray already holds the default agent ports
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )  # fmt: skip
     try:
@@ -260,7 +271,8 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
         ]  # fmt: skip
         for _ in range(60):  # the dashboard takes a few seconds to come up
             out = subprocess.run(submit, capture_output=True, text=True, timeout=400, env=env)
-            if "Failed to connect" not in out.stdout + out.stderr:
+            not_ready = ("Failed to connect", "No available agent")  # head still starting
+            if not any(m in out.stdout + out.stderr for m in not_ready):
                 break
             time.sleep(2)
         log = out.stdout + out.stderr
