@@ -357,7 +357,7 @@ def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri:
     best_path = root / "best_config.yaml"
     best_path.write_text(dump_config(best_cfg))
 
-    _close_stopped_trials(uri, parent_id)
+    _close_stopped_trials(uri, parent_id, {r.metrics.get("trial_id") for r in results if r.error})
     logger = RunLogger(uri, parent_id)
     for f in ("trials.parquet", "trials.csv", "best_config.yaml"):
         logger.file(root / f)
@@ -365,9 +365,10 @@ def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri:
     return SearchResult(table, best_path, parent_id, uri)
 
 
-def _close_stopped_trials(uri: str, parent_id: str) -> None:
-    """Trials ASHA stopped early are ended by Tune before their driver can close the MLflow
-    run: mark them KILLED (with a tag saying why) so no child run is left RUNNING."""
+def _close_stopped_trials(uri: str, parent_id: str, errored: set[str]) -> None:
+    """Trials ASHA stopped early are ended by Tune before (or while) their driver closes the
+    MLflow run, which is then left RUNNING or FAILED: mark them KILLED, with a tag saying why.
+    Trials that really failed (`errored` trial ids) keep FAILED."""
     from pipeline.tracking import client
 
     c = client(uri)
@@ -376,7 +377,8 @@ def _close_stopped_trials(uri: str, parent_id: str) -> None:
         [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
     )  # fmt: skip
     for run in children:
-        if run.info.status == "RUNNING":
+        stopped = run.data.tags.get("ce.trial_id") not in errored
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and stopped):
             c.set_tag(run.info.run_id, "ce.stopped_early", "true")
             c.set_terminated(run.info.run_id, status="KILLED")
 
