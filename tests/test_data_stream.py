@@ -95,37 +95,21 @@ def test_cifar_epoch_exactly_once(cifar_test: str, world: int, workers: int) -> 
     assert len(keys) == 10_000
 
 
+def _plans(counts: list[int], *, world_size: int, **kw) -> list:
+    """Every rank's batch plan for epoch 0, seed 0."""
+    return [
+        plan_rank_batches(counts, rank=r, world_size=world_size, seed=0, epoch=0, **kw)
+        for r in range(world_size)
+    ]
+
+
 def test_plan_balanced_and_padded() -> None:
     # 10 samples, 3 ranks, batch 4: ceil(ceil(10/3)/4) = 1 step; sizes 3, 3, 4.
-    plans = [
-        plan_rank_batches(
-            [6, 4],
-            rank=r,
-            world_size=3,
-            batch_size=4,
-            shuffle_buffer=8,
-            shuffle=True,
-            seed=0,
-            epoch=0,
-        )
-        for r in range(3)
-    ]
+    plans = _plans([6, 4], world_size=3, batch_size=4, shuffle_buffer=8, shuffle=True)
     assert [len(p) for p in plans] == [1, 1, 1]
     assert sorted(np.concatenate([p[0] for p in plans]).tolist()) == list(range(10))
     # 5 samples, 3 ranks, batch 1: 2 steps each; the rank with 1 sample pads its second batch.
-    plans = [
-        plan_rank_batches(
-            [5],
-            rank=r,
-            world_size=3,
-            batch_size=1,
-            shuffle_buffer=1,
-            shuffle=False,
-            seed=0,
-            epoch=0,
-        )
-        for r in range(3)
-    ]
+    plans = _plans([5], world_size=3, batch_size=1, shuffle_buffer=1, shuffle=False)
     assert [len(p) for p in plans] == [2, 2, 2]
     assert plans[0][1].tolist() == [-1]  # a repeat of index 0, marked by the -1 - i encoding
     # 100 samples, batch 64, 1 rank: 2 batches of 50, not 64 + 36.
