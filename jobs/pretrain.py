@@ -17,7 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, dump_config, flatten, load_config, to_dict, tracking_uri
+from pipeline.config import (
+    Config,
+    dump_config,
+    flatten,
+    generator_lr,
+    global_batch,
+    load_config,
+    to_dict,
+    tracking_uri,
+)
 from pipeline.data import expand_urls
 from pipeline.remote import url_scheme
 from pipeline.tracking import RunLogger, check_tracking, end_run, start_or_resume_run
@@ -63,6 +72,14 @@ def preflight(cfg: Config) -> str:
     return uri
 
 
+def derived_params(cfg: Config) -> dict[str, float]:
+    """Values the config implies but does not spell out, logged beside it."""
+    return {
+        "derived.lr_g": generator_lr(cfg.train, cfg.loss),
+        "derived.global_batch": global_batch(cfg),
+    }
+
+
 def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
     from jobs.ray_connect import connect_ray
@@ -75,9 +92,12 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
     if not resumed:
         logger = RunLogger(uri, run_id)
-        logger.params(flatten(to_dict(cfg)))
+        logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
         logger.bytes(dump_config(cfg).encode(), "config.yaml")  # the resolved config, once
     print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}")
+    print(f"[pretrain] global batch {global_batch(cfg)} ({cfg.data.batch_size} x "
+          f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
+          f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
 
     trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
     try:

@@ -71,8 +71,10 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr_d: float = 2e-4
-    lr_g: float = 2e-3  # released code: 10x the discriminator's when both losses are on
+    lr_d: float = 2e-4  # the base rate (the released `lr`); G's too when there is no D
+    # 0 = derived (see generator_lr): 10x lr_d with the adversarial loss on, as released; lr_d
+    # with reconstruction only. Any value > 0 is used as given.
+    lr_g: float = 0.0
     beta1: float = 0.5
     beta2: float = 0.999
     max_steps: int = 1000  # total optimiser steps (both G and D) over all epochs
@@ -126,6 +128,21 @@ def scaled_overlap(mask: MaskConfig, image_size: int) -> int:
     return max(1, round(mask.overlap * image_size / 128)) if mask.overlap > 0 else 0
 
 
+def generator_lr(train: TrainConfig, loss: LossConfig) -> float:
+    """G's Adam learning rate. The released code raises it to 10x the base rate only for the
+    joint loss (the generator must keep up with a discriminator); reconstruction alone trains
+    at the base rate."""
+    if train.lr_g > 0:
+        return train.lr_g
+    return train.lr_d * (10.0 if loss.lambda_adv > 0 else 1.0)
+
+
+def global_batch(cfg: Config) -> int:
+    """Images per optimiser step over all ranks: data.batch_size is per rank, and no learning
+    rate is rescaled with it (the paper's 64 is the global batch of one GPU)."""
+    return cfg.data.batch_size * max(1, cfg.run.num_workers)
+
+
 def tracking_uri(run: RunConfig) -> str:
     """The explicit MLflow tracking URI; workers change directory, so it is always absolute."""
     if run.tracking_uri:
@@ -167,7 +184,8 @@ def validate(cfg: Config) -> Config:
         ),
         (cfg.loss.lambda_rec >= 0 and cfg.loss.lambda_adv >= 0, "loss weights must be >= 0"),
         (cfg.loss.lambda_rec + cfg.loss.lambda_adv > 0, "at least one loss weight must be > 0"),
-        (cfg.train.lr_d > 0 and cfg.train.lr_g > 0, "learning rates must be > 0"),
+        (cfg.train.lr_d > 0, "train.lr_d must be > 0"),
+        (cfg.train.lr_g >= 0, "train.lr_g must be >= 0 (0 = derived from lr_d)"),
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
         (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),

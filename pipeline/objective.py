@@ -30,6 +30,21 @@ def region(t: Tensor, model: ModelConfig) -> Tensor:
     return t[..., lo : lo + side, lo : lo + side]
 
 
+def discriminator_input(pred: Tensor, target: Tensor, mask: Tensor, centre: bool) -> Tensor:
+    """What D judges as "fake". Centre: the predicted square itself (the released code).
+    Full-image output (random masks): the prediction pasted into the real image,
+    pred * m + target * (1 - m), as released `train_random.lua` hands D. D's input then differs
+    from a real image only inside the hole, so the adversarial gradient reaches G's dropped
+    pixels and never the visible ones, which no loss constrains at the default
+    `visible_weight` = 0 and which `inpaint` replaces with the real context anyway.
+    pred/target (B, 3, h, w), mask (B, 1, h, w) with 1 = dropped; the result is float32 when
+    pred is bf16 (type promotion), like the real images D sees."""
+    if centre:
+        return pred
+    m = mask.to(target.dtype)
+    return pred * m + target * (1.0 - m)
+
+
 def l2_weights(mask: Tensor, loss: LossConfig, centre: bool) -> Tensor:
     """Per-pixel L2 weight from a (B, 1, h, w) mask (1 = dropped). Centre: the cropped mask is
     1 on the interior and 0 on the visible ring, so mask + overlap_weight * (1 - mask) weights

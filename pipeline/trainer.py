@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline.config import Config, ModelConfig, from_dict, to_dict
+from pipeline.config import Config, ModelConfig, from_dict, generator_lr, to_dict
 from pipeline.model import Discriminator, Generator, build_discriminator, build_generator
 from pipeline.objective import (
     discriminator_fake_loss,
+    discriminator_input,
     discriminator_real_loss,
     generator_loss,
     region,
@@ -65,7 +66,7 @@ class Trainer:
             self.d = self._prepare(build_discriminator(cfg.model))
         self.g_model = wrap(self.g) if wrap else self.g
         self.d_model = wrap(self.d) if wrap and self.d is not None else self.d
-        self.opt_g = _adam(self.g.parameters(), cfg.train.lr_g, cfg, self.device)
+        self.opt_g = _adam(self.g.parameters(), generator_lr(cfg.train, cfg.loss), cfg, self.device)
         self.opt_d = (
             _adam(self.d.parameters(), cfg.train.lr_d, cfg, self.device) if self.d else None
         )
@@ -108,7 +109,8 @@ class Trainer:
             pred = self._g_fwd(inp)  # (B, 3, T, T)
         parts: dict[str, Tensor] = {}
         if self.d is not None:
-            parts.update(self._d_step(target, pred.detach()))
+            fake = discriminator_input(pred.detach(), target, mask, self.centre)
+            parts.update(self._d_step(target, fake))
         parts.update(self._g_step(pred, target, mask))
         self.step += 1
         return self._finite(parts)
@@ -136,8 +138,9 @@ class Trainer:
         logits = None
         if self.d is not None:
             self.d.requires_grad_(False)
+            fake = discriminator_input(pred, target, mask, self.centre)
             with self._autocast():
-                logits = self._d_raw(pred)
+                logits = self._d_raw(fake)
         try:
             parts = generator_loss(pred, target, mask, self.cfg.loss, self.centre, logits)
             self.opt_g.zero_grad(set_to_none=True)

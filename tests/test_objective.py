@@ -119,3 +119,37 @@ def test_losses_stay_finite_and_fp32_for_extreme_bf16_logits():
         torch.ones(1, 1, 2, 2), LossConfig(), True, fake_logits=fake,
     )  # fmt: skip
     assert torch.isfinite(g["loss_g"]) and g["loss_adv"].item() == pytest.approx(45.0, rel=1e-2)
+
+
+def test_random_mask_discriminator_sees_real_context_and_pushes_only_the_hole():
+    # Full-image output: D judges pred * m + image * (1 - m) (released train_random.lua), so its
+    # input equals the real image outside the hole, and the adversarial gradient reaches the
+    # prediction inside the hole and nowhere else.
+    from pipeline.model import build_discriminator
+    from pipeline.objective import discriminator_input
+
+    torch.manual_seed(0)
+    model = ModelConfig(image_size=32, width=8, bottleneck=16, full_image_output=True)
+    d = build_discriminator(model)
+    target = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 4:14, 10:25] = 1
+    pred = torch.randn(2, 3, 32, 32, requires_grad=True)
+    fake = discriminator_input(pred, target, mask, centre=False)
+    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 0], target[:, :, mask[0, 0] == 0])
+    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 1], pred.detach()[:, :, mask[0, 0] == 1])
+    adv = generator_loss(pred, target, mask, LossConfig(lambda_rec=0.0, lambda_adv=1.0),
+                         centre=False, fake_logits=d(fake))["loss_adv"]  # fmt: skip
+    (grad,) = torch.autograd.grad(adv, pred)
+    hole = mask.expand_as(grad).bool()
+    assert grad[~hole].abs().max() == 0
+    assert grad[hole].abs().gt(0).float().mean() > 0.9
+
+
+def test_centre_discriminator_judges_the_predicted_square_itself():
+    from pipeline.objective import discriminator_input
+
+    pred, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 1:15, 1:15] = 1
+    assert discriminator_input(pred, target, mask, centre=True) is pred

@@ -371,3 +371,31 @@ def test_short_cifar_run_beats_its_start_and_the_mean_fill(cifar_train: str, cif
     # Seen here: 0.216 -> 0.121 in 200 steps of 32 (~10 s), against a fill baseline of 0.214.
     assert after["val_rec_l2"] < 0.7 * before["val_rec_l2"]
     assert after["val_rec_l2"] < 0.7 * after["val_fill_l2"]
+
+
+def test_random_mask_trainer_hands_d_the_prediction_pasted_into_the_real_image():
+    cfg = tiny_config(model=ModelConfig(image_size=S, width=8, bottleneck=16,
+                                        full_image_output=True))  # fmt: skip
+    trainer = Trainer(cfg)
+    seen: list[torch.Tensor] = []
+    trainer.d.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    batch = make_batch(full=True)
+    trainer.train_step(batch)
+    real, fake_d, fake_g = seen  # D step (real, fake), then the G step's fake
+    visible = batch["mask"].expand_as(real) == 0
+    assert torch.equal(real, batch["image"])
+    for fake in (fake_d, fake_g):
+        assert torch.equal(fake[visible], batch["image"][visible])
+        assert not torch.equal(fake[~visible], batch["image"][~visible])
+
+
+@pytest.mark.parametrize(("lambda_adv", "lr_g", "expected"),
+                         [(0.001, 0.0, 2e-3), (0.0, 0.0, 2e-4), (0.0, 5e-4, 5e-4)])  # fmt: skip
+def test_generator_lr_is_10x_only_with_the_adversarial_loss(lambda_adv, lr_g, expected):
+    cfg = tiny_config(
+        loss=LossConfig(lambda_adv=lambda_adv),
+        train=TrainConfig(lr_d=2e-4, lr_g=lr_g, max_steps=4),
+    )
+    trainer = Trainer(cfg)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(expected)
+    assert (trainer.d is None) == (lambda_adv == 0)
