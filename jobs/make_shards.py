@@ -1,7 +1,9 @@
 """Write WebDataset shards: `python -m jobs.make_shards --src digits --out outputs/shards/digits`.
 
---src is `digits` (scikit-learn's bundled digits, the embedded default; split 80/20 into
-train/test shards unless --split-test says otherwise) or a folder laid out ROOT/<class>/<image>.
+--src is `digits` (scikit-learn's bundled digits, the embedded default; split 70/10/20 into
+train/val/test shards unless --split-val / --split-test say otherwise) or a folder laid out
+ROOT/<class>/<image>. The val split is what every choice is made on (checkpoints, searches, the
+probe's C); the test split is read only to score.
 Prints the brace pattern(s) to give the loader (data.train_shards / data.val_shards).
 """
 
@@ -26,6 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="held-out share written as <prefix>-test-* shards (default: 0.2 for digits, 0 else)",
     )
+    p.add_argument(
+        "--split-val",
+        type=float,
+        default=None,
+        help="share of all samples written as <prefix>-val-* shards, chosen by a hash of the key "
+        "(default: 0.1 for digits, 0 else)",
+    )
     p.add_argument("--prefix", default=None, help="shard name prefix (default: source name)")
     p.add_argument("--digits-size", type=int, default=32, help="digits are upscaled to this")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
@@ -40,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(args.src)
         source, default_split, default_prefix = folder_source(root), 0.0, root.resolve().name
     split = args.split_test if args.split_test is not None else default_split
+    val = args.split_val if args.split_val is not None else (0.1 if args.src == "digits" else 0.0)
     manifest = write_shards(
         source,
         args.out,
@@ -47,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         shard_size=args.shard_size,
         seed=args.seed,
         test_fraction=split,
+        val_fraction=val,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
     )

@@ -9,6 +9,7 @@ leaves a complete-looking shard set behind.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -124,23 +125,39 @@ def digits_source(size: int = 32) -> Source:
     return Source(items, [str(c) for c in digits.target_names], [])
 
 
+def key_share(key: str) -> float:
+    """A key's fixed place in [0, 1): sha256 of the key, so a sample's split never depends on
+    the seed, the source order or which other samples exist."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
 def split_items(
-    items: list[SourceItem], test_fraction: float, seed: int
+    items: list[SourceItem], test_fraction: float, seed: int, val_fraction: float = 0.0
 ) -> dict[str, list[SourceItem]]:
-    """{'all': items} or a stratified {'train': ..., 'test': ...} split, each shuffled."""
+    """{'all': items}, or 'train' / 'val' / 'test' splits, each shuffled.
+
+    val: a share of all items chosen by key alone (`key_share`): the split every choice
+    (checkpoint, search, probe C) is made on, fixed whatever the seed. test: a stratified share
+    of all items drawn with `seed` from the rest, read only to score."""
+    if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
+        raise SourceError(
+            f"--split-test ({test_fraction}) and --split-val ({val_fraction}) must be in [0, 1) "
+            "and leave a training share"
+        )
     rng = np.random.default_rng(seed)
-    if test_fraction <= 0:
+    if test_fraction <= 0 and val_fraction <= 0:
         return {"all": [items[i] for i in rng.permutation(len(items))]}
-    if not test_fraction < 1:
-        raise SourceError(f"--split-test must be in [0, 1), got {test_fraction}")
+    val = np.array([key_share(it.key) < val_fraction for it in items])
     labels = np.array([it.label for it in items])
     test = np.zeros(len(items), dtype=bool)
-    for c in np.unique(labels):  # stratified: every class keeps its share in both splits
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test[idx[: round(len(idx) * test_fraction)]] = True
+    for c in np.unique(labels):  # stratified: every class keeps its share of all items
+        idx = rng.permutation(np.flatnonzero((labels == c) & ~val))
+        test[idx[: round((labels == c).sum() * test_fraction)]] = True
+    splits = {"train": ~test & ~val, "val": val, "test": test}
     return {
-        "train": [items[i] for i in rng.permutation(np.flatnonzero(~test))],
-        "test": [items[i] for i in rng.permutation(np.flatnonzero(test))],
+        name: [items[i] for i in rng.permutation(np.flatnonzero(chosen))]
+        for name, chosen in splits.items()
+        if chosen.any() or name == "train"
     }
 
 
@@ -197,6 +214,7 @@ def write_shards(
     shard_size: int,
     seed: int,
     test_fraction: float = 0.0,
+    val_fraction: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -209,7 +227,7 @@ def write_shards(
             f"{out} already holds {[p.name for p in old][:4]}...; pass --overwrite to replace them"
         )
     out.mkdir(parents=True, exist_ok=True)
-    splits = split_items(source.items, test_fraction, seed)
+    splits = split_items(source.items, test_fraction, seed, val_fraction)
     tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-partial-", dir=out))
     try:
         manifest = _write_all(source, splits, tmp, out, prefix, shard_size, progress)

@@ -121,12 +121,15 @@ def test_bad_sources_fail_clearly(tmp_path: Path) -> None:
 def test_digits_default_split_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "digits"
     manifest = main(["--src", "digits", "--out", str(out), "--shard-size", "500"])
-    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
-    assert train["total"] + test["total"] == 1797 and test["total"] == pytest.approx(360, abs=5)
+    train, val, test = (manifest["splits"][k] for k in ("train", "val", "test"))
+    assert train["total"] + val["total"] + test["total"] == 1797
+    assert test["total"] == pytest.approx(360, abs=5)
+    assert val["total"] == pytest.approx(180, abs=30)  # by key hash: about 10 % of all
     assert (out / "digits-train-000000.tar").is_file() and (
         out / "digits-test-000000.tar"
     ).is_file()
     assert train["pattern"] == str(out / "digits-train-{000000..000002}.tar")
+    assert val["pattern"] == str(out / "digits-val-000000.tar")
     got = read_shards(out)
     assert len(got) == 1797 and all(ext == "png" for ext, _, _ in got.values())
     img = Image.open(io.BytesIO(next(iter(got.values()))[1]))
@@ -142,3 +145,33 @@ def test_digits_default_split_round_trip(tmp_path: Path) -> None:
     )
     seen = {k: int(y) for b in loader for k, y in zip(b["key"], b["label"], strict=True)}
     assert len(seen) == test["total"] and all(seen[k] == got[k][2] for k in seen)
+
+
+def test_validation_split_is_fixed_by_key_and_disjoint(tmp_path: Path) -> None:
+    """The val split depends on the keys alone: another seed reshuffles train and test but never
+    moves a sample into or out of val, and no key is in two splits."""
+
+    def keys_by_split(seed: int) -> dict[str, set[str]]:
+        out = tmp_path / f"seed{seed}"
+        main(["--src", "digits", "--out", str(out), "--seed", str(seed), "--split-val", "0.15"])
+        by_split: dict[str, set[str]] = {}
+        for tar in sorted(out.glob("*.tar")):
+            split = tar.name.split("-")[1]
+            with tarfile.open(tar) as tf:
+                names = {n.split(".")[0] for n in tf.getnames()}
+            by_split.setdefault(split, set()).update(names)
+        return by_split
+
+    a, b = keys_by_split(0), keys_by_split(1)
+    assert set(a) == {"train", "val", "test"}
+    assert a["val"] == b["val"] and a["test"] != b["test"]
+    assert len(a["val"]) == pytest.approx(0.15 * 1797, abs=40)
+    assert not (a["val"] & a["train"]) and not (a["val"] & a["test"])
+    assert not (a["train"] & a["test"])
+    assert sum(map(len, a.values())) == 1797
+
+
+def test_split_shares_must_leave_a_training_share(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="training share"):
+        main(["--src", "digits", "--out", str(tmp_path / "o"), "--split-test", "0.5",
+              "--split-val", "0.5"])  # fmt: skip
