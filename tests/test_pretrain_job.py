@@ -241,6 +241,24 @@ def test_shipped_yaml_configs_are_valid():
             assert cfg.model.image_size == cfg.data.image_size, path
 
 
+def test_shipped_configs_validate_on_training_images_never_on_test(cifar_dir):
+    """Every choice reads data.val_shards: in the shipped configs it is carved from training
+    images (a -val- split or a train shard), disjoint from the shards trained on."""
+    from pipeline.data import expand_urls
+
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        if path.name.startswith("tune_"):
+            continue
+        cfg = load_config(path)
+        assert cfg.data.val_shards, path
+        assert "test" not in cfg.data.val_shards.lower(), path
+        if "cifar10" in cfg.data.train_shards:
+            rebased = (s.replace("../shared/datasets/cifar10", str(cifar_dir))
+                       for s in (cfg.data.train_shards, cfg.data.val_shards))  # fmt: skip
+            train, val = (set(expand_urls(s)) for s in rebased)
+            assert len(train) == 9 and len(val) == 1 and not train & val, path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ def write_configs(tmp_path: Path, cifar_dir: Path, space: dict, **tune_extra) ->
     pretrain = {
         "data": {
             "train_shards": str(cifar_dir / "cifar10-train-000000.tar"),
-            "val_shards": str(cifar_dir / "cifar10-test-000000.tar"),
+            "val_shards": str(cifar_dir / "cifar10-train-000001.tar"),
             "image_size": 32, "batch_size": 8, "shuffle_buffer": 64,
         },
         "model": {"image_size": 32, "width": 8, "bottleneck": 32},
