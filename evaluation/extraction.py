@@ -30,16 +30,21 @@ class SplitSpec:
     image_size: int
     batch_size: int = 256
     max_dim: int = 4096  # pooled feature size per layer (see features.pool)
+    # Shorter side before the centre crop: the encoder's own training `data.resize`, so it sees
+    # images at the scale it learned on (0 = image_size: the whole image).
+    resize: int = 0
 
     def split_key(self) -> str:
         # The shard list is part of the key: other shards under the same split name never hit.
         return f"{self.name}-{hashlib.sha256(self.urls.encode()).hexdigest()[:10]}"
 
     def transform_key(self) -> str:
-        return f"eval{self.image_size}-pool{self.max_dim}"
+        resize = f"-resize{self.resize}" if self.resize not in (0, self.image_size) else ""
+        return f"eval{self.image_size}{resize}-pool{self.max_dim}"
 
     def data_config(self) -> DataConfig:
-        return DataConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=0)
+        return DataConfig(image_size=self.image_size, resize=self.resize,
+                          batch_size=self.batch_size, num_workers=0)  # fmt: skip
 
 
 def _loader(spec: SplitSpec, rank: int, world_size: int):

@@ -80,7 +80,8 @@ def _inpaint_batches(encoder: Encoder, urls: str, image_size: int, s: ProtocolSe
     from pipeline.config import DataConfig
     from pipeline.data import build_loader
 
-    data = DataConfig(image_size=image_size, batch_size=min(s.batch_size, 128), num_workers=0)
+    data = DataConfig(image_size=image_size, resize=encoder.config.data.resize,
+                      batch_size=min(s.batch_size, 128), num_workers=0)  # fmt: skip
     seen = 0
     for batch in build_loader(data, encoder.config.mask, urls=urls, train=False, seed=s.seed):
         yield batch
@@ -162,15 +163,19 @@ def evaluate_encoders(
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_all(encoders, image_size, settings, cache_dir / "downloads", tracking_uri)
-    spec = {
-        name: SplitSpec(name, urls, image_size, settings.batch_size, settings.max_dim)
-        for name, urls in (("train", train_urls), ("test", test_urls))
-    }
+    # Baselines without a training resize of their own (raw pixels) see the images as the
+    # first pretrained encoder does, so every row of the table reads the same pixels.
+    default_resize = model_config_of(loaded, image_size).data.resize
     rows: list[dict] = []
     fills: dict[str, dict[str, float]] = {}  # mask kind -> mean-fill baseline metrics
     predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     for enc in loaded:
         chosen = check_layers(enc, layers)
+        resize = enc.config.data.resize if enc.config is not None else default_resize
+        spec = {
+            name: SplitSpec(name, urls, image_size, settings.batch_size, settings.max_dim, resize)
+            for name, urls in (("train", train_urls), ("test", test_urls))
+        }
         feats = {
             split: split_features(enc, chosen, sp, cache_dir, use_ray=use_ray, ray_tasks=ray_tasks)
             for split, sp in spec.items()

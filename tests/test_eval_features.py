@@ -142,3 +142,33 @@ def test_raw_pixels_is_the_image():
     got = extract(RawPixels(), ["pixels"], batches_of(images, torch.zeros(4).long(),
                   list("abcd"), 4), max_dim=4096)  # fmt: skip
     np.testing.assert_array_equal(got["pixels"].x, images.flatten(1).numpy())
+
+
+def test_evaluation_reads_images_at_the_encoders_training_resize(cifar_dir):
+    """An encoder trained on crops of images resized to 64 is probed on the centre 32 of the
+    image resized to 64, not on the whole image squeezed to 32."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from evaluation.extraction import SplitSpec, extract_local
+
+    url = str(cifar_dir / "cifar10-test-000000.tar")
+    with tarfile.open(url) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+        key, data = member.name.split(".")[0], tf.extractfile(member).read()
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)
+    expected = np.asarray(img.crop((16, 16, 48, 48)), dtype=np.float32) / 127.5 - 1
+    enc = raw_pixels_encoder()
+    got = {}
+    for resize in (0, 64):
+        spec = SplitSpec("test", url, 32, batch_size=500, max_dim=3 * 32 * 32, resize=resize)
+        feats = extract_local(enc, ["pixels"], spec)["pixels"]
+        got[resize] = feats.x[list(feats.keys).index(key)].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.abs(got[64] - expected).max() < 3 / 127.5
+    assert np.abs(got[0] - expected).mean() > 0.05  # the whole image is another picture
+    assert (
+        SplitSpec("t", url, 32, resize=64).transform_key()
+        != SplitSpec("t", url, 32).transform_key()
+    )
