@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
+# Tune's sampler base and its wrapper of a seed / numpy RNG (what its own samplers draw from).
+from ray.tune.search.sample import Float, LogUniform, _BackwardsCompatibleNumpyRng
+
 from pipeline.config import (
     Config,
     ConfigError,
@@ -59,7 +62,7 @@ class TuneSettings:
     objective: Objective = "knn_top1"
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs hold without starving
     max_failures: int = 1  # retries of a failed trial
-    seed: int = 0
+    seed: int = 0  # the search's sampler: the same seed draws the same trial configs
     asha: AshaSettings = field(default_factory=AshaSettings)
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
@@ -95,17 +98,29 @@ def _domain(key: str, spec: dict) -> Any:
         raise ConfigError(f"space.{key}: zero_prob must be in [0, 1), got {p0}")
     if p0 == 0:
         return tune.loguniform(lo, hi)
-    return tune.sample_from(lambda _: 0.0 if _rng().random() < p0 else _log_draw(lo, hi))
+    domain = Float(lo, hi)
+    domain.set_sampler(_ZeroOrLogUniform(p0))
+    return domain
 
 
-def _rng():
-    import numpy as np
+class _ZeroOrLogUniform(LogUniform):
+    """Exactly 0.0 with probability p0, else log-uniform in [lower, upper]. Draws from the
+    search's random_state, as Tune's own samplers do, so a seeded search repeats."""
 
-    return np.random.default_rng()
+    def __init__(self, p0: float):
+        self.p0 = p0
 
+    def sample(self, domain, config=None, size: int = 1, random_state=None):
+        rng = random_state
+        if not isinstance(rng, _BackwardsCompatibleNumpyRng):
+            rng = _BackwardsCompatibleNumpyRng(rng)
+        zero = rng.uniform(0.0, 1.0, size=size) < self.p0
+        logs = rng.uniform(math.log(domain.lower), math.log(domain.upper), size=size)
+        items = [0.0 if z else float(math.exp(v)) for z, v in zip(zero, logs, strict=True)]
+        return items if size > 1 else items[0]
 
-def _log_draw(lo: float, hi: float) -> float:
-    return float(math.exp(_rng().uniform(math.log(lo), math.log(hi))))
+    def __str__(self) -> str:
+        return f"ZeroOrLogUniform(p0={self.p0})"
 
 
 def _is_num(v: Any) -> bool:
@@ -269,6 +284,7 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     from jobs.pretrain import preflight, resolve_paths
     from jobs.ray_connect import connect_ray
@@ -313,6 +329,7 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
             tune_config=tune.TuneConfig(
                 metric=settings.objective, mode=mode, num_samples=settings.num_samples,
                 max_concurrent_trials=concurrency,
+                search_alg=BasicVariantGenerator(random_state=settings.seed),
                 scheduler=ASHAScheduler(grace_period=settings.asha.grace_period,
                                         reduction_factor=settings.asha.reduction_factor),
             ),

@@ -9,6 +9,8 @@ import yaml
 
 from pipeline.config import ConfigError, load_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def write_configs(tmp_path: Path, cifar_dir: Path, space: dict, **tune_extra) -> Path:
     pretrain = {
@@ -107,3 +109,25 @@ def test_concurrency_leaves_room_for_workers(tmp_path, cifar_dir):
     two = from_dict({**base, "run": {**base["run"], "num_workers": 2}})
     assert concurrent_trials(settings, two, cluster_cpus=2) == 1
     assert concurrent_trials(settings, two, cluster_cpus=1) == 1  # never 0
+
+
+def test_seeded_search_draws_the_same_trials_including_exact_zeros():
+    """Every domain (zero_prob included) draws from Tune's random_state, which run_search seeds
+    from the tune YAML's `seed`: the same seed repeats the search's trial configs."""
+    from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
+    from ray.tune.search.variant_generator import generate_variants
+
+    from jobs.tune import build_space, load_settings
+
+    settings, base = load_settings(REPO / "jobs" / "configs" / "tune_digits.yaml")
+    space = build_space(settings, base)
+
+    def draw(seed: int, n: int = 40) -> list[dict]:
+        rng = _BackwardsCompatibleNumpyRng(seed)
+        return [next(generate_variants(space, random_state=rng))[1] for _ in range(n)]
+
+    first, again, other = draw(0), draw(0), draw(1)
+    assert first == again and first != other
+    adv = [t["loss.lambda_adv"] for t in first]
+    assert 0 < sum(a == 0.0 for a in adv) < len(adv)  # zero_prob 0.25: some exact zeros
+    assert all(a == 0.0 or 1e-4 <= a <= 1e-1 for a in adv)
