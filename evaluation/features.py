@@ -86,7 +86,7 @@ def load_encoder(
 
 
 def random_init_encoder(config: Config, seed: int = 0, name: str = "random_init") -> Encoder:
-    """The same architecture at its METHOD.md initialisation, from a fixed seed."""
+    """The same architecture at its docs/method.md initialisation, from a fixed seed."""
     from pipeline.model import build_generator
 
     with torch.random.fork_rng():

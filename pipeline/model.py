@@ -264,7 +264,7 @@ class Discriminator(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """METHOD.md init, for `model.apply(init_weights)`: conv weights N(0, 0.02); BatchNorm
+    """docs/method.md init, for `model.apply(init_weights)`: conv weights N(0, 0.02); BatchNorm
     scale N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, ChannelwiseFC)):
         nn.init.normal_(module.weight, 0.0, 0.02)
@@ -274,14 +274,14 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build_generator(cfg: ModelConfig) -> Generator:
-    """A Generator for `cfg`, initialised as in METHOD.md."""
+    """A Generator for `cfg`, initialised as in docs/method.md."""
     g = Generator(cfg)
     g.apply(init_weights)
     return g
 
 
 def build_discriminator(cfg: ModelConfig) -> Discriminator:
-    """A Discriminator for `cfg`'s target square, initialised as in METHOD.md."""
+    """A Discriminator for `cfg`'s target square, initialised as in docs/method.md."""
     d = Discriminator(cfg)
     d.apply(init_weights)
     return d
