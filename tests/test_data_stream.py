@@ -276,7 +276,7 @@ def test_tar_reader_groups_skips_and_truncates(monkeypatch, fmt: int, chunk: int
     # Members straddling the read-ahead window, names in folders, long names (GNU / pax; the
     # ustar prefix field for ustar), a member without an extension, a big member, skipped
     # samples: the reader must agree with the grouping by key, and with tarfile's bytes.
-    import pipeline.shards_read as sr
+    import pipeline.data.tar as sr
 
     monkeypatch.setattr(sr, "CHUNK", chunk)
     long_dir = "d" * 90 + "/" + "e" * 60

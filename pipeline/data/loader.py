@@ -41,14 +41,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
+from pipeline.data.tar import TarReadError, iter_tar_samples
 from pipeline.masks import batch_masks, fill_masked
 from pipeline.remote import open_url, register_fsspec_handlers, url_scheme
-from pipeline.shards_read import (
-    TarReadError,
-    expand_urls,
-    iter_tar_samples,
-    shard_sample_counts,
-)
+from pipeline.shards_read import expand_urls, shard_sample_counts
 from pipeline.transforms import (
     BadSample,
     center_crop,
