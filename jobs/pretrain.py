@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ from pipeline.config import (
     to_dict,
     tracking_uri,
 )
-from pipeline.data import expand_urls
-from pipeline.remote import url_scheme
+from pipeline.data.urls import expand_urls, split_urls, url_scheme
 from pipeline.tracking import RunLogger, check_tracking, end_run, start_or_resume_run
 
 
@@ -46,7 +44,7 @@ def run_name_for(cfg: Config) -> str:
 
 
 def _absolute_urls(urls: str) -> str:
-    parts = [p.strip() for p in re.split(r",(?![^{]*\})", urls) if p.strip()]  # not in braces
+    parts = split_urls(urls)
     return ",".join(str(Path(p).resolve()) if url_scheme(p) == "" else p for p in parts)
 
 

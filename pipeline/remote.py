@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 from typing import IO
-from urllib.parse import urlparse
 
 import fsspec
 import webdataset  # noqa: F401  (imports webdataset.gopen, whose table we extend)
+
+from pipeline.data.urls import is_local, local_path, url_scheme
 
 # `webdataset.gopen` the attribute is the function; the module with the table is this one.
 _GOPEN = sys.modules["webdataset.gopen"]
@@ -21,22 +22,6 @@ _GOPEN = sys.modules["webdataset.gopen"]
 # Schemes WebDataset handles itself and well (pipe: runs a shell command, http via curl).
 _NATIVE = {"", "file", "pipe", "http", "https"}
 DEFAULT_REMOTE = ("s3", "gs", "gcs")
-
-
-def url_scheme(url: str) -> str:
-    """'' for a local path, else the URL's scheme ('s3', 'gs', 'memory', ...)."""
-    if "://" not in url:
-        return ""
-    return urlparse(url).scheme.lower()
-
-
-def is_local(url: str) -> bool:
-    return url_scheme(url) in ("", "file")
-
-
-def local_path(url: str) -> str:
-    """The filesystem path of a local URL (plain path or file://...)."""
-    return urlparse(url).path if url_scheme(url) == "file" else url
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:

@@ -1,97 +1,20 @@
-"""Shard URLs and sample counts: which shards, and how many samples each (the tar reader
-itself is pipeline.data.tar).
+"""Sample counts: how many samples each shard holds (URLs are pipeline.data.urls, the tar
+reader pipeline.data.tar).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 
-from braceexpand import braceexpand
-
 from pipeline.data.tar import count_tar_samples
-from pipeline.remote import is_local, local_path, open_url, read_beside
+from pipeline.data.urls import is_local, local_path
+from pipeline.remote import open_url, read_beside
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-# ---- URLs -----------------------------------------------------------------------------------
-
-
-def _split_top_level(urls: str) -> list[str]:
-    """Split on commas outside braces: 'a-{0,1}.tar,b.tar' -> ['a-{0,1}.tar', 'b.tar']."""
-    parts, depth, cur = [], 0, []
-    for ch in urls:
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _expand_local(part: str) -> list[str]:
-    found, missing = [], []
-    expanded = list(braceexpand(part))
-    for url in expanded:
-        path = local_path(url)
-        if any(c in path for c in "*?["):
-            found += sorted(glob.glob(path))
-        elif os.path.isdir(path):
-            found += sorted(glob.glob(os.path.join(path, "*.tar")))
-        elif os.path.isfile(path):
-            found.append(url)
-        else:
-            missing.append(url)
-    if not found:
-        raise FileNotFoundError(f"no shard matches {part!r}")
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(expanded)} shards named by {part!r} do not exist, "
-            f"e.g. {missing[:3]}"
-        )
-    return found
-
-
-def _expand_remote(part: str) -> list[str]:
-    urls = list(braceexpand(part))
-    if not any(c in part for c in "*?["):
-        return urls  # existence is checked when the shard is counted or opened
-    import fsspec
-
-    found = []
-    for url in urls:
-        fs, _, paths = fsspec.get_fs_token_paths(url)
-        protocol = url.split("://", 1)[0]
-        found += sorted(f"{protocol}://{p.split('://')[-1]}" for p in fs.glob(paths[0]))
-    if not found:
-        raise FileNotFoundError(f"no shard matches {part!r}")
-    return found
-
-
-def expand_urls(urls: str) -> list[str]:
-    """Brace patterns / comma lists / s3:// gs:// -> concrete shard URLs; raises
-    FileNotFoundError naming the pattern when nothing matches (local).
-
-    A local part may also be a folder (its `*.tar` files) or a glob. A local brace pattern
-    naming some shards that do not exist is an error too (a silently smaller epoch is worse).
-    The same shard twice is an error: it would break exactly-once epochs."""
-    parts = _split_top_level(urls or "")
-    if not parts:
-        raise ValueError("no shard URLs given (data.train_shards / data.val_shards is empty)")
-    out: list[str] = []
-    for part in parts:
-        out += _expand_local(part) if is_local(part) else _expand_remote(part)
-    dupes = sorted({u for u in out if out.count(u) > 1})
-    if dupes:
-        raise ValueError(f"shards listed more than once in {urls!r}: {dupes[:5]}")
-    return out
 
 
 # ---- sample counts --------------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """The data layer: WebDataset shards in, masked batches out. One module per concern:
 
     loader.py   build_loader and the two stream classes (exact epochs, resampled)
+    urls.py     shard URLs: split_urls (the one comma-list splitter), expand_urls, url_scheme
     tar.py      the streaming tar reader: raw samples by index, counts from headers alone
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.
 """
 
-from pipeline.data.loader import (
-    Loader,
-    build_loader,
-    expand_urls,
-    plan_rank_batches,
-    shard_sample_counts,
-)
+from pipeline.data.loader import Loader, build_loader, plan_rank_batches, shard_sample_counts
+from pipeline.data.urls import expand_urls, split_urls
 
-__all__ = ["Loader", "build_loader", "expand_urls", "plan_rank_batches", "shard_sample_counts"]
+__all__ = [
+    "Loader",
+    "build_loader",
+    "expand_urls",
+    "plan_rank_batches",
+    "shard_sample_counts",
+    "split_urls",
+]

@@ -42,9 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data.tar import TarReadError, iter_tar_samples
+from pipeline.data.urls import expand_urls, url_scheme
 from pipeline.masks import batch_masks, fill_masked
-from pipeline.remote import open_url, register_fsspec_handlers, url_scheme
-from pipeline.shards_read import expand_urls, shard_sample_counts
+from pipeline.remote import open_url, register_fsspec_handlers
+from pipeline.shards_read import shard_sample_counts
 from pipeline.transforms import (
     BadSample,
     center_crop,
