@@ -8,9 +8,9 @@ import json
 import logging
 import os
 
+from pipeline.data.open import open_url, read_beside
 from pipeline.data.tar import count_tar_samples
 from pipeline.data.urls import is_local, local_path
-from pipeline.remote import open_url, read_beside
 
 log = logging.getLogger(__name__)
 

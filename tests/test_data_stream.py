@@ -239,7 +239,7 @@ def test_memory_protocol_through_fsspec(digits_shards: str) -> None:
 
 def test_fsspec_handler_in_loader_workers(digits_shards: str) -> None:
     # local:// is fsspec's local filesystem under a scheme WebDataset does not know: it only
-    # opens if each spawned worker registered the fsspec gopen handler itself.
+    # opens if each spawned worker routes it to fsspec itself.
     pattern = "local://" + digits_shards
     keys, lens, seen = run_epoch(pattern, 1, 2, batch_size=16)
     assert sorted(keys) == sorted(tar_labels(expand_urls(digits_shards)))

@@ -2,6 +2,7 @@
 
     loader.py   build_loader and the two stream classes (exact epochs, resampled)
     urls.py     shard URLs: split_urls (the one comma-list splitter), expand_urls, url_scheme
+    open.py     opening a shard URL (local, fsspec; no patched tables) and a file beside it
     tar.py      the streaming tar reader: raw samples by index, counts from headers alone
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.

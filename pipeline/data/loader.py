@@ -41,10 +41,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
+from pipeline.data.open import open_url
 from pipeline.data.tar import TarReadError, iter_tar_samples
-from pipeline.data.urls import expand_urls, url_scheme
+from pipeline.data.urls import expand_urls
 from pipeline.masks import batch_masks, fill_masked
-from pipeline.remote import open_url, register_fsspec_handlers
 from pipeline.shards_read import shard_sample_counts
 from pipeline.transforms import (
     BadSample,
@@ -239,7 +239,6 @@ class _EpochStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        register_fsspec_handlers({url_scheme(u) for u in self.urls})
         mine = _my_batches(len(self.batches), self.start_batch)
         planned = [self.batches[j] for j in mine]
         needed = np.sort(np.concatenate([b[b >= 0] for b in planned] + [np.empty(0, int)]))
@@ -305,7 +304,6 @@ class _ResampledStream(IterableDataset):
                 yield buf.pop()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        register_fsspec_handlers({url_scheme(u) for u in self.urls})
         wid, _ = _worker_slot()
         seed, epoch, bsz = self.spec.seed, self.spec.epoch, self.spec.data.batch_size
         rng = np.random.default_rng([seed, epoch, self.rank, wid, self.start_batch, 11])
