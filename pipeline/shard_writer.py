@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -25,8 +24,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.data.manifest import MANIFEST, write_manifest
+
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
-MANIFEST = "manifest.json"
 
 
 class SourceError(ValueError):
@@ -236,9 +236,7 @@ def write_shards(
             p.unlink()
         for entry in manifest["shards"]:
             os.replace(tmp / entry["name"], out / entry["name"])
-        tmp_manifest = tmp / MANIFEST
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp_manifest, out / MANIFEST)
+        write_manifest(manifest, out, staging=tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

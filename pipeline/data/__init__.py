@@ -4,11 +4,14 @@
     urls.py     shard URLs: split_urls (the one comma-list splitter), expand_urls, url_scheme
     open.py     opening a shard URL (local, fsspec; no patched tables) and a file beside it
     tar.py      the streaming tar reader: raw samples by index, counts from headers alone
+    manifest.py manifest.json beside a shard set: its name, writing it, reading shard entries
+    counts.py   per-shard sample counts (manifest first, else a tar header scan)
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.
 """
 
-from pipeline.data.loader import Loader, build_loader, plan_rank_batches, shard_sample_counts
+from pipeline.data.counts import shard_sample_counts
+from pipeline.data.loader import Loader, build_loader, plan_rank_batches
 from pipeline.data.urls import expand_urls, split_urls
 
 __all__ = [

@@ -41,11 +41,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, MaskConfig
+from pipeline.data.counts import shard_sample_counts
 from pipeline.data.open import open_url
 from pipeline.data.tar import TarReadError, iter_tar_samples
 from pipeline.data.urls import expand_urls
 from pipeline.masks import batch_masks, fill_masked
-from pipeline.shards_read import shard_sample_counts
 from pipeline.transforms import (
     BadSample,
     center_crop,

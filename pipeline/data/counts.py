@@ -1,23 +1,18 @@
-"""Sample counts: how many samples each shard holds (URLs are pipeline.data.urls, the tar
-reader pipeline.data.tar).
+"""Per-shard sample counts, which the exact-epoch plan is built on: from the manifest beside
+the shards when it lists them, else by scanning the tar headers (cached per file size and mtime).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
-from pipeline.data.open import open_url, read_beside
+from pipeline.data.manifest import manifest_entry
+from pipeline.data.open import open_url
 from pipeline.data.tar import count_tar_samples
 from pipeline.data.urls import is_local, local_path
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-
-
-# ---- sample counts --------------------------------------------------------------------------
 
 _SCAN_CACHE: dict[tuple[str, int, int], int] = {}
 
@@ -40,21 +35,6 @@ def _scan_count(url: str) -> int:
     return n
 
 
-def _manifest_counts(url: str, cache: dict[str, dict[str, dict] | None]) -> dict | None:
-    """The manifest entry {'name', 'count', 'bytes'} for this shard, if a manifest lists it."""
-    folder, _, name = url.rpartition("/")
-    if folder not in cache:
-        raw = read_beside(url, MANIFEST)
-        try:
-            shards = json.loads(raw)["shards"] if raw else None
-            cache[folder] = {s["name"]: s for s in shards} if shards else None
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable %s beside %s: %s", MANIFEST, url, e)
-            cache[folder] = None
-    entries = cache[folder]
-    return entries.get(name) if entries else None
-
-
 def shard_sample_counts(urls: list[str]) -> list[int]:
     """Per-shard sample counts: from manifest.json beside the shards when present (make_shards
     writes it), else by scanning the tar headers (local) — note CIFAR-10's shared shards have no
@@ -66,7 +46,7 @@ def shard_sample_counts(urls: list[str]) -> list[int]:
     cache: dict[str, dict | None] = {}
     counts = []
     for url in urls:
-        entry = _manifest_counts(url, cache)
+        entry = manifest_entry(url, cache)
         if entry is None:
             counts.append(_scan_count(url))
             continue
