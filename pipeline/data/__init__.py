@@ -6,12 +6,14 @@
     tar.py      the streaming tar reader: raw samples by index, counts from headers alone
     manifest.py manifest.json beside a shard set: its name, writing it, reading shard entries
     counts.py   per-shard sample counts (manifest first, else a tar header scan)
+    plan.py     the exact-epoch plan: shard order, each rank's batches, each worker's share
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.
 """
 
 from pipeline.data.counts import shard_sample_counts
-from pipeline.data.loader import Loader, build_loader, plan_rank_batches
+from pipeline.data.loader import Loader, build_loader
+from pipeline.data.plan import plan_rank_batches
 from pipeline.data.urls import expand_urls, split_urls
 
 __all__ = [

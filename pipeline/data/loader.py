@@ -2,19 +2,10 @@
 epoch of one rank. No Ray, no MLflow here: the same loader runs in a plain process and inside
 Ray Train workers (rank and world size are arguments, never read from the environment).
 
-Epoch mode (exactly once, equal steps). The epoch's shard order is shuffled with (seed, epoch),
-the same on every rank, which lays all N samples (counts from `shard_sample_counts`) on one
-index line. Rank r owns the contiguous range [r*N//W, (r+1)*N//W) and runs
-S = ceil(ceil(N/W) / B) steps. Its range is cut into S batches whose sizes differ by at most
-one (so the per-rank remainder is spread over all steps: no batch of 1 at the end, which
-BatchNorm on a 1x1 bottleneck cannot train on, and every batch is <= B). Only when a rank owns
-fewer than S samples (N < W, or B = 1) does a batch start empty; it is padded with repeats of
-real samples marked valid=False. Before batching, each window of ~shuffle_buffer samples is
-permuted (seed, epoch, rank, window), so batches mix samples from across the window.
-Batch j goes to loader worker j % num_workers, which the DataLoader's round-robin returns in
-order; a worker reads only the shards its batches touch and reads (never decodes) the members
-of samples that are not its own. A batch's composition therefore depends on neither the number
-of loader workers nor `start_batch`, which makes resuming exact.
+Epoch mode (exactly once, equal steps): pipeline.data.plan lays the epoch's samples out and
+cuts this rank's share into batches; batch j goes to loader worker j % num_workers, which the
+DataLoader's round-robin returns in order. A worker reads only the shards its batches touch and
+reads (never decodes) the members of samples that are not its own.
 
 Bad samples (undecodable image, no image, bad label, samples lost to a truncated or corrupt
 tar) shrink their batch instead of shifting later ones, and are counted in `batch["skipped"]`.
@@ -43,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data.counts import shard_sample_counts
 from pipeline.data.open import open_url
+from pipeline.data.plan import epoch_shard_order, plan_rank_batches, worker_batches
 from pipeline.data.tar import TarReadError, iter_tar_samples
 from pipeline.data.urls import expand_urls
 from pipeline.masks import batch_masks, fill_masked
@@ -58,7 +50,7 @@ from pipeline.transforms import (
     train_crop,
 )
 
-__all__ = ["Loader", "build_loader", "expand_urls", "shard_sample_counts"]
+__all__ = ["Loader", "build_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -150,53 +142,10 @@ def _worker_slot() -> tuple[int, int]:
 
 
 def _my_batches(n_batches: int, start_batch: int) -> list[int]:
-    wid, nw = _worker_slot()
-    return [j for j in range(start_batch, n_batches) if (j - start_batch) % nw == wid]
+    return worker_batches(n_batches, start_batch, *_worker_slot())
 
 
 # ---- epoch mode ------------------------------------------------------------------------------
-
-
-def _balanced_sizes(n: int, steps: int) -> np.ndarray:
-    return np.full(steps, n // steps) + (np.arange(steps) < n % steps)
-
-
-def plan_rank_batches(
-    counts: list[int],
-    *,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    shuffle_buffer: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-) -> list[np.ndarray]:
-    """Global sample indices of each of this rank's S batches (same S on every rank). Indices
-    refer to the epoch's shard order; a padded batch holds -1 - i for a repeat of index i."""
-    n_total = sum(counts)
-    if n_total == 0:
-        raise ValueError("the shards hold no samples")
-    steps = math.ceil(math.ceil(n_total / world_size) / batch_size)
-    lo, hi = rank * n_total // world_size, (rank + 1) * n_total // world_size
-    idx = np.arange(lo, hi)
-    sizes = _balanced_sizes(hi - lo, steps)
-    per_window = max(1, math.ceil(shuffle_buffer / batch_size))
-    batches, pos = [], 0
-    for w0 in range(0, steps, per_window):
-        wsizes = sizes[w0 : w0 + per_window]
-        window = idx[pos : pos + wsizes.sum()]
-        pos += wsizes.sum()
-        if shuffle:
-            window = np.random.default_rng([seed, epoch, rank, w0, 7]).permutation(window)
-        batches += np.split(window, np.cumsum(wsizes)[:-1])
-    # Empty batches (only when the rank has < S samples) repeat real samples, marked invalid.
-    source = idx if len(idx) else np.arange(n_total)
-    pad = min(batch_size, len(source))
-    for j, b in enumerate(batches):
-        if len(b) == 0:
-            batches[j] = -1 - source[(j * pad + np.arange(pad)) % len(source)]
-    return batches
 
 
 class _EpochStream(IterableDataset):
@@ -404,9 +353,7 @@ def build_loader(
         dataset: IterableDataset = _ResampledStream(spec, shard_urls, steps, rank, start_batch)
     else:
         counts = shard_sample_counts(shard_urls)
-        order = np.arange(len(shard_urls))
-        if train:
-            order = np.random.default_rng([seed, epoch, 3]).permutation(len(shard_urls))
+        order = epoch_shard_order(len(shard_urls), shuffle=train, seed=seed, epoch=epoch)
         shard_urls, counts = [shard_urls[i] for i in order], [counts[i] for i in order]
         batches = plan_rank_batches(
             counts,
