@@ -7,6 +7,7 @@
     manifest.py manifest.json beside a shard set: its name, writing it, reading shard entries
     counts.py   per-shard sample counts (manifest first, else a tar header scan)
     plan.py     the exact-epoch plan: shard order, each rank's batches, each worker's share
+    samples.py  raw sample -> pixels (decode, resize, crop, flip, per-sample seeds) -> batch dict
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.
 """

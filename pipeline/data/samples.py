@@ -1,4 +1,6 @@
-"""Image decoding and the train / eval crops, as functions of the sample's bytes and a seed.
+"""One raw sample to pixels, and a list of them to a batch: image decoding (JPEG draft mode),
+resize, the train / eval crops and flips, per-sample seeds, and the batch dict of the contract
+(stacking, [-1, 1] scaling, masks and fill), as functions of the sample's bytes and a seed.
 
 Every random choice for a sample (crop offset, flip, mask) comes from `sample_seed(seed, epoch,
 key)`, so it does not depend on which rank or loader worker decoded the sample, an evaluation
@@ -9,11 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, JpegImagePlugin
+
+from pipeline.config import DataConfig, MaskConfig
+from pipeline.masks import batch_masks, fill_masked
+
+log = logging.getLogger(__name__)
 
 # Tried in order; the first one a sample has is its image.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -137,3 +147,84 @@ def flip_rows(images: np.ndarray, flips: list[bool]) -> None:
     rows = np.flatnonzero(flips)
     if len(rows):
         images[rows] = images[rows, ..., ::-1]
+
+
+# ---- per-sample and per-batch work ------------------------------------------------------------
+
+Raw = tuple[str, str, dict[str, bytes]]  # (key, shard url, {ext: bytes})
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What turns raw samples into a batch; small and picklable for loader workers."""
+
+    data: DataConfig
+    mask: MaskConfig
+    train: bool
+    epoch: int
+    seed: int
+
+    @property
+    def short_side(self) -> int:
+        return self.data.resize or self.data.image_size
+
+
+def decode_sample(spec: SampleSpec, key: str, sample: dict[str, bytes]) -> tuple:
+    """(S x S RGB crop as a PIL core image (see Core), label, flip, seed) of one raw
+    sample; flip: whether the crop is to be mirrored; seed: sample_seed, or 0 when neither
+    the transform nor the mask draws from it. Raises BadSample."""
+    label = parse_label(sample)
+    img = decode_resized(image_member(sample), spec.short_side)
+    size = spec.data.image_size
+    rseed = (
+        sample_seed(spec.seed, spec.epoch, key) if spec.train or spec.mask.kind != "center" else 0
+    )
+    if spec.train:
+        return (*train_crop(img, size, rseed, spec.data.flip), label, rseed)
+    return center_crop(img, size), False, label, rseed
+
+
+def decode_many(spec: SampleSpec, raws: list[Raw]) -> tuple[list, int]:
+    """Decoded (key, pixels, flip, label, seed) of the good samples (see decode_sample), and
+    how many were skipped. Samples missing `cls` in a batch where others have it count as bad
+    (a label is never invented)."""
+    good, skipped = [], 0
+    for key, url, sample in raws:
+        try:
+            good.append((key, *decode_sample(spec, key, sample)))
+        except BadSample as e:
+            log.warning("skipping sample %s in %s: %s", key, url, e)
+            skipped += 1
+    labelled = sum(g[3] is not None for g in good)
+    if 0 < labelled < len(good):
+        keep = [g for g in good if g[3] is not None]
+        log.warning("skipping %d samples without a cls label", len(good) - len(keep))
+        skipped += len(good) - len(keep)
+        good = keep
+    return good, skipped
+
+
+def collate(spec: SampleSpec, good: list, valid: list[bool], skipped: int) -> dict[str, Any]:
+    """The batch dict of the contract (see build_loader). Whole-batch numpy work: one export
+    of the pasted canvas, one uint8 -> float32 conversion, flips, masks and fill for all
+    samples at once."""
+    size = spec.data.image_size
+    keys, crops, flips, labels, seeds = (list(col) for col in zip(*good, strict=True))
+    # numpy, not torch: single-threaded, so N loader workers do not oversubscribe the cores.
+    pixels = stack_images(crops, size)  # (B, S, S, 3) uint8
+    image = pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, S, S)
+    image *= np.float32(1 / 127.5)
+    image -= np.float32(1.0)
+    flip_rows(image, flips)
+    mask = batch_masks(spec.mask, size, seeds)
+    batch = {
+        "image": torch.from_numpy(image),
+        "input": torch.from_numpy(fill_masked(image, mask, spec.mask)),
+        "mask": torch.from_numpy(mask),
+        "key": keys,
+        "valid": torch.from_numpy(np.array(valid, dtype=bool)),
+        "skipped": skipped,
+    }
+    if None not in labels:
+        batch["label"] = torch.from_numpy(np.array(labels, dtype=np.int64))
+    return batch
