@@ -33,6 +33,7 @@ from pipeline.config import (
     to_dict,
     validate,
 )
+from pipeline.data.masks import needs_full_image_output
 
 Objective = Literal["val_rec_l2", "knn_top1"]
 MODES = {"val_rec_l2": "min", "knn_top1": "max"}
@@ -155,7 +156,7 @@ def trial_config(base: dict, params: dict[str, Any], **run: Any) -> Config:
     """The pretrain config of one trial: base + sampled params (+ run.* fields)."""
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                  for k, v in params.items()]  # fmt: skip
-    if params.get("mask.kind", "center") != "center":
+    if needs_full_image_output(params.get("mask.kind")):
         # Random masks need the whole image back (METHOD.md); implied, not searched.
         overrides.append("model.full_image_output=true")
     overrides += [f"run.{k}={v}" for k, v in run.items()]

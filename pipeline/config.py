@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-MaskKind = Literal["center", "random_block", "random_region"]
+# A key of pipeline.data.masks.MASKS (the mask registry), checked by `validate`: not a Literal,
+# so that a new mask kind is one registry entry.
+MaskKind = str
 Arch = Literal["dcgan", "alexnet"]
 Precision = Literal["fp32", "bf16"]
 
@@ -155,6 +157,9 @@ def tracking_uri(run: RunConfig) -> str:
 
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules; returns `cfg` so calls chain."""
+    # Imported here: pipeline.data imports this module.
+    from pipeline.data.masks import MASKS, needs_full_image_output
+
     checks = [
         (
             cfg.model.image_size == cfg.data.image_size,
@@ -179,7 +184,11 @@ def validate(cfg: Config) -> Config:
             "mask cover must satisfy 0 < min_cover <= max_cover < 1",
         ),
         (
-            cfg.mask.kind == "center" or cfg.model.full_image_output,
+            cfg.mask.kind in MASKS,
+            f"mask.kind: {cfg.mask.kind!r} is not one of {list(MASKS)}",
+        ),
+        (
+            not needs_full_image_output(cfg.mask.kind) or cfg.model.full_image_output,
             f"mask.kind={cfg.mask.kind} needs model.full_image_output=true",
         ),
         (cfg.loss.lambda_rec >= 0 and cfg.loss.lambda_adv >= 0, "loss weights must be >= 0"),

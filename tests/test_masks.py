@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader
-from pipeline.masks import batch_masks, center_mask, fill_masked
+from pipeline.data.masks import batch_masks, center_mask, fill_masked
 from pipeline.shard_writer import Source, digits_source, write_shards
 
 
@@ -107,7 +107,7 @@ def test_a_mask_depends_on_its_seed_alone(kind: str) -> None:
 
 
 def test_hashed_uniforms_are_uniform_and_per_seed() -> None:
-    from pipeline.masks import hashed_uniforms
+    from pipeline.data.masks import hashed_uniforms
 
     u = hashed_uniforms(list(range(256)), 64, salt=1)
     assert u.dtype == np.float32 and (u > 0).all() and (u < 1).all()

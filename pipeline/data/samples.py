@@ -21,7 +21,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from pipeline.config import DataConfig, MaskConfig
-from pipeline.masks import batch_masks, fill_masked
+from pipeline.data.masks import batch_masks, fill_masked, mask_spec
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,8 @@ def decode_sample(spec: SampleSpec, key: str, sample: dict[str, bytes]) -> tuple
     label = parse_label(sample)
     img = decode_resized(image_member(sample), spec.short_side)
     size = spec.data.image_size
-    rseed = (
-        sample_seed(spec.seed, spec.epoch, key) if spec.train or spec.mask.kind != "center" else 0
-    )
+    seeded = spec.train or mask_spec(spec.mask.kind).seeded
+    rseed = sample_seed(spec.seed, spec.epoch, key) if seeded else 0
     if spec.train:
         return (*train_crop(img, size, rseed, spec.data.flip), label, rseed)
     return center_crop(img, size), False, label, rseed
