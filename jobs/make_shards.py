@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.shard_writer import SourceError, digits_source, folder_source, write_shards
+from pipeline.data.writer import SourceError, digits_source, folder_source, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

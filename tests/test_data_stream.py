@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader, expand_urls, plan_rank_batches, shard_sample_counts
-from pipeline.shard_writer import Source, digits_source, write_shards
+from pipeline.data.writer import Source, digits_source, write_shards
 
 
 def tar_labels(urls: list[str]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from sklearn.datasets import load_sample_images
 from jobs.make_shards import main
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader
-from pipeline.shard_writer import Source, SourceError, SourceItem, folder_source, write_shards
+from pipeline.data.writer import Source, SourceError, SourceItem, folder_source, write_shards
 
 
 def read_shards(folder: Path) -> dict[str, tuple[str, bytes, int]]:

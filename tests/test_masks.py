@@ -10,7 +10,7 @@ import torch
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader
 from pipeline.data.masks import batch_masks, center_mask, fill_masked
-from pipeline.shard_writer import Source, digits_source, write_shards
+from pipeline.data.writer import Source, digits_source, write_shards
 
 
 @pytest.mark.parametrize(("size", "ring"), [(128, 4), (64, 2), (32, 1)])

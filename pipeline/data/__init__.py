@@ -9,6 +9,7 @@
     plan.py     the exact-epoch plan: shard order, each rank's batches, each worker's share
     samples.py  raw sample -> pixels (decode, resize, crop, flip, per-sample seeds) -> batch dict
     masks.py    the mask shapes and MASKS, the registry of mask kinds (a new kind is one entry)
+    writer.py   image folders / digits -> shards + manifest (make_shards); import it from there
 
 The public names are re-exported here, so `from pipeline.data import build_loader` works.
 """

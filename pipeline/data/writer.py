@@ -4,7 +4,7 @@ Each sample is `<key>.<jpg|png>` (the source bytes unchanged where they already 
 PNG) plus `<key>.cls` (the label as ASCII digits). Samples are shuffled across shards with a
 seed. Shards are written into a hidden temporary folder inside `out` and renamed into place
 only when all are complete; `manifest.json` is written last, so an interrupted run never
-leaves a complete-looking shard set behind.
+leaves a complete-looking shard set behind (pipeline.data.manifest writes it).
 """
 
 from __future__ import annotations
