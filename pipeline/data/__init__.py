@@ -1,6 +1,6 @@
-"""The data layer: WebDataset shards in, masked batches out. One module per concern:
+"""The data layer: WebDataset shards in, masked batches out. One module per concern, in the
+order a sample meets them:
 
-    loader.py   build_loader and the two stream classes (exact epochs, resampled)
     urls.py     shard URLs: split_urls (the one comma-list splitter), expand_urls, url_scheme
     open.py     opening a shard URL (local, fsspec; no patched tables) and a file beside it
     tar.py      the streaming tar reader: raw samples by index, counts from headers alone
@@ -9,9 +9,11 @@
     plan.py     the exact-epoch plan: shard order, each rank's batches, each worker's share
     samples.py  raw sample -> pixels (decode, resize, crop, flip, per-sample seeds) -> batch dict
     masks.py    the mask shapes and MASKS, the registry of mask kinds (a new kind is one entry)
-    writer.py   image folders / digits -> shards + manifest (make_shards); import it from there
+    loader.py   build_loader and the two stream classes (exact epochs, resampled)
+    writer.py   image folders / digits -> shards + manifest (jobs.make_shards)
 
-The public names are re-exported here, so `from pipeline.data import build_loader` works.
+The reading side's public names are re-exported here (`from pipeline.data import
+build_loader`); the writer is imported from pipeline.data.writer.
 """
 
 from pipeline.data.counts import shard_sample_counts

@@ -1,6 +1,8 @@
-"""One entry point for data: `build_loader` turns WebDataset shards into masked batches for one
-epoch of one rank. No Ray, no MLflow here: the same loader runs in a plain process and inside
-Ray Train workers (rank and world size are arguments, never read from the environment).
+"""The loader: `build_loader` and the two streams behind it turn WebDataset shards into masked
+batches for one epoch of one rank (pixels and masks are pipeline.data.samples' business; this
+module decides which raw samples go into which batch, in which process). No Ray, no MLflow
+here: the same loader runs in a plain process and inside Ray Train workers (rank and world size
+are arguments, never read from the environment).
 
 Epoch mode (exactly once, equal steps): pipeline.data.plan lays the epoch's samples out and
 cuts this rank's share into batches; batch j goes to loader worker j % num_workers, which the
@@ -186,7 +188,8 @@ def _worker_init(_: int) -> None:
 
 def _mp_context() -> mp.context.BaseContext:
     """forkserver, not fork (safe inside Ray actors and threaded parents); the server preloads
-    this module so each worker starts without re-importing torch."""
+    pipeline.data (this module and its imports) so each worker starts without re-importing
+    torch."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.data"])
     return ctx
