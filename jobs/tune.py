@@ -157,7 +157,7 @@ def trial_config(base: dict, params: dict[str, Any], **run: Any) -> Config:
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                  for k, v in params.items()]  # fmt: skip
     if needs_full_image_output(params.get("mask.kind")):
-        # Random masks need the whole image back (METHOD.md); implied, not searched.
+        # Random masks need the whole image back (docs/method.md); implied, not searched.
         overrides.append("model.full_image_output=true")
     overrides += [f"run.{k}={v}" for k, v in run.items()]
     try:

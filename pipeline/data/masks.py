@@ -1,4 +1,4 @@
-"""Masks: the region shapes of Context Encoders (METHOD.md), one mask per sample, and the
+"""Masks: the region shapes of Context Encoders (docs/method.md), one mask per sample, and the
 registry `MASKS` that says, for each `mask.kind`, how to draw it and what it implies. Adding a
 mask kind is one entry there: config validation, the loader's seed policy and the tune job's
 implied model.full_image_output all read it.
