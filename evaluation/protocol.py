@@ -131,10 +131,13 @@ def load_all(
 
 
 def _class_names(urls: str) -> list[str] | None:
-    """classes.json beside local shards (as in the CIFAR-10 folder), if there is one."""
-    first = Path(urls.split(",")[0].split("{")[0]).parent / "classes.json"
+    """classes.json beside the first shard (as in the CIFAR-10 folder), if there is one."""
+    from pipeline.data import expand_urls
+    from pipeline.data.open import read_beside
+
     try:
-        names = json.loads(first.read_text())
+        data = read_beside(expand_urls(urls)[0], "classes.json")
+        names = json.loads(data) if data is not None else None
     except (OSError, ValueError):
         return None
     return names if isinstance(names, list) else None
