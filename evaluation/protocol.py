@@ -79,15 +79,12 @@ def _inpaint_batches(encoder: Encoder, urls: str, image_size: int, s: ProtocolSe
     """Held-out batches with the encoder's own mask config (train=False: deterministic masks)."""
     from pipeline.config import DataConfig
     from pipeline.data import build_loader
+    from pipeline.passes import take_batches
 
     data = DataConfig(image_size=image_size, resize=encoder.config.data.resize,
                       batch_size=min(s.batch_size, 128), num_workers=0)  # fmt: skip
-    seen = 0
-    for batch in build_loader(data, encoder.config.mask, urls=urls, train=False, seed=s.seed):
-        yield batch
-        seen += int(batch["valid"].sum())
-        if s.inpaint_images and seen >= s.inpaint_images:
-            return
+    loader = build_loader(data, encoder.config.mask, urls=urls, train=False, seed=s.seed)
+    return take_batches(loader, n_images=s.inpaint_images or None)  # 0: the whole split
 
 
 def _inpaint(encoder: Encoder, urls: str, image_size: int, s: ProtocolSettings, out_dir: Path):

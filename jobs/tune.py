@@ -180,18 +180,15 @@ class KnnScore:
 
     def _batches(self, urls: str, n: int) -> list[dict]:
         from pipeline.data import build_loader
+        from pipeline.passes import take_batches
 
-        out, seen = [], 0
-        for batch in build_loader(self.cfg.data, self.cfg.mask, urls=urls, train=False):
-            out.append(batch)
-            seen += len(batch["key"])
-            if seen >= n:
-                break
-        return out
+        loader = build_loader(self.cfg.data, self.cfg.mask, urls=urls, train=False)
+        return list(take_batches(loader, n_images=n))
 
     def __call__(self, trainer) -> dict[str, float]:
         from evaluation.features import extract
         from evaluation.knn import knn_classify
+        from pipeline.passes import eval_mode
 
         if self._data is None:
             val = self.cfg.data.val_shards or self.cfg.data.train_shards
@@ -199,12 +196,10 @@ class KnnScore:
                 self._batches(self.cfg.data.train_shards, self.probe.train_samples),
                 self._batches(val, self.probe.val_samples),
             )
-        g = trainer.g
-        layer = self.probe.layer or g.feature_layers[-1]
-        was_training = g.training
-        train = extract(g, [layer], self._data[0], self.probe.max_dim)[layer]
-        test = extract(g, [layer], self._data[1], self.probe.max_dim)[layer]
-        g.train(was_training)
+        layer = self.probe.layer or trainer.g.feature_layers[-1]
+        with eval_mode(trainer.g) as g:
+            train = extract(g, [layer], self._data[0], self.probe.max_dim)[layer]
+            test = extract(g, [layer], self._data[1], self.probe.max_dim)[layer]
         classes = int(max(train.labels.max(), test.labels.max())) + 1
         scores = knn_classify(train.x, train.labels, test.x, test.labels, num_classes=classes)
         return {"knn_top1": scores["knn_top1"]}

@@ -22,6 +22,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_encoder
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.grid import inpainting_grid
+from pipeline.passes import eval_mode, take_batches
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
@@ -154,12 +155,7 @@ def _held_out_batches(cfg: Config) -> list[dict]:
     loader = build_loader(
         cfg.data, cfg.mask, urls=cfg.data.val_shards, train=False, seed=cfg.train.seed
     )
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == cfg.train.eval_batches:
-            break
-    return batches
+    return list(take_batches(loader, n_batches=cfg.train.eval_batches))
 
 
 def _checkpoint_scores(
@@ -184,11 +180,8 @@ def _checkpoint_scores(
 
 @torch.no_grad()
 def _sample_grid(t: Trainer, batch: dict):
-    g = t.g
-    was_training = g.training
-    g.eval()
-    filled = inpaint(g, {k: _to(v, t.device) for k, v in batch.items()}, t.cfg.model)
-    g.train(was_training)
+    with eval_mode(t.g) as g:
+        filled = inpaint(g, {k: _to(v, t.device) for k, v in batch.items()}, t.cfg.model)
     scale = max(1, 96 // t.cfg.data.image_size)
     return inpainting_grid(batch["input"], filled.cpu(), batch["image"], scale=scale)
 

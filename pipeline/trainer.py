@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from pipeline.objective import (
     generator_loss,
     region,
 )
+from pipeline.passes import eval_mode, take_batches
 
 Batch = dict[str, Any]
 
@@ -172,8 +173,7 @@ class Trainer:
         (the input itself), "val_images" the count. G runs in eval mode (BN running stats)."""
         sums = torch.zeros(3, dtype=torch.float64)  # rec, fill, dropped values
         images = 0
-        self.g.eval()
-        try:
+        with eval_mode(self.g):
             for batch in batches:
                 with self._autocast():
                     out = inpaint(self.g, batch, self.cfg.model).float().cpu()
@@ -188,8 +188,6 @@ class Trainer:
                     ]
                 ).double()
                 images += int(keep.sum())
-        finally:
-            self.g.train()
         if sums[2] == 0:
             raise ValueError("evaluate: no dropped pixels in the given batches (empty split?)")
         return {
@@ -324,7 +322,8 @@ def _run_epoch(
     The epoch rolls over right after its last batch, so a checkpoint taken there resumes at
     the next epoch rather than at an empty tail."""
     tc, ran = trainer.cfg.train, 0
-    for batch in _take(loader, remaining):
+    # At most `remaining`: a loader longer than its len() must not shift epoch boundaries.
+    for batch in take_batches(loader, n_batches=remaining):
         ran += 1
         metrics = trainer.train_step(batch)
         meter.add(_batch_len(batch), _skipped(batch))
@@ -343,14 +342,6 @@ def _run_epoch(
     if ran < remaining:  # the loader ran dry before its len(): close the epoch anyway
         trainer.epoch, trainer.batch_in_epoch = trainer.epoch + 1, 0
     return last_ckpt
-
-
-def _take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:
-    """At most n batches: a loader longer than its len() must not shift epoch boundaries."""
-    for i, batch in enumerate(batches):
-        if i >= n:
-            return
-        yield batch
 
 
 class _Meter:
