@@ -27,7 +27,7 @@ from pipeline.config import (
     tracking_uri,
 )
 from pipeline.data.urls import expand_urls, split_urls, url_scheme
-from pipeline.tracking import RunLogger, check_tracking, end_run, start_or_resume_run
+from pipeline.tracking import RunLogger, check_tracking, start_or_resume_run, tracked_run
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,8 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
           f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
 
     trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
-    try:
+    with tracked_run(uri, run_id):
         result = trainer.fit()
-    except BaseException:
-        end_run(uri, run_id, ok=False)
-        raise
-    end_run(uri, run_id, ok=True)
     path = result.checkpoint.path if result.checkpoint is not None else None
     return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}))
 

@@ -212,7 +212,7 @@ def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, roo
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.ray_train import build_trainer
-    from pipeline.tracking import RunLogger, end_run, start_or_resume_run
+    from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{settings.name}-{trial_id}"
@@ -225,12 +225,8 @@ def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, roo
         cfg, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
         callbacks=[TuneReportCallback()], extra_scores=KnnScore(cfg, settings.probe),
     )  # fmt: skip
-    try:
+    with tracked_run(uri, run_id):
         trainer.fit()
-    except BaseException:
-        end_run(uri, run_id, ok=False)
-        raise
-    end_run(uri, run_id, ok=True)
 
 
 # ---- the search ----------------------------------------------------------------------------
@@ -284,7 +280,7 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
 
     from jobs.pretrain import preflight, resolve_paths
     from jobs.ray_connect import connect_ray
-    from pipeline.tracking import RunLogger, end_run, start_or_resume_run
+    from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
     base_cfg = resolve_paths(validate(from_dict(base)))
     base = to_dict(base_cfg)  # absolute paths: trials run in other directories
@@ -334,14 +330,9 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             ),
         )  # fmt: skip
-    try:
+    with tracked_run(uri, parent_id):
         results = tuner.fit()
-        out = _write_results(results, settings, base, root, uri, parent_id)
-    except BaseException:
-        end_run(uri, parent_id, ok=False)
-        raise
-    end_run(uri, parent_id, ok=True)
-    return out
+        return _write_results(results, settings, base, root, uri, parent_id)
 
 
 def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri: str,
@@ -380,8 +371,8 @@ def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri:
 
 def _close_stopped_trials(uri: str, parent_id: str, errored: set[str]) -> None:
     """Trials ASHA stopped early are ended by Tune before (or while) their driver closes the
-    MLflow run, which is then left RUNNING or FAILED: mark them KILLED, with a tag saying why.
-    Trials that really failed (`errored` trial ids) keep FAILED."""
+    MLflow run, which is then left RUNNING, FAILED or KILLED: mark them KILLED, with a tag
+    saying why. Trials that really failed (`errored` trial ids) keep FAILED."""
     from pipeline.tracking import client
 
     c = client(uri)
@@ -391,9 +382,11 @@ def _close_stopped_trials(uri: str, parent_id: str, errored: set[str]) -> None:
     )  # fmt: skip
     for run in children:
         stopped = run.data.tags.get("ce.trial_id") not in errored
-        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and stopped):
+        state = run.info.status
+        if state == "RUNNING" or (state in ("FAILED", "KILLED") and stopped):
             c.set_tag(run.info.run_id, "ce.stopped_early", "true")
-            c.set_terminated(run.info.run_id, status="KILLED")
+            if state != "KILLED":  # a driver that saw Tune's stop already closed it KILLED
+                c.set_terminated(run.info.run_id, status="KILLED")
 
 
 def main(argv: list[str] | None = None) -> SearchResult:

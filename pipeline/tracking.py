@@ -1,4 +1,5 @@
-"""MLflow at the edges: reachability, one run per pretraining, rank-0 logging.
+"""MLflow at the edges: reachability, one run per pretraining, one way a run ends
+(`tracked_run`), rank-0 logging.
 
 Everything here takes an explicit tracking URI: MLflow 3 otherwise writes `mlflow.db` into the
 current directory, and Ray workers run in other directories. Nothing touches MLflow's global
@@ -7,10 +8,12 @@ state (`mlflow.set_tracking_uri`), so several runs can log from one process (Tun
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,12 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id if exp is not None else c.create_experiment(name)
 
 
+def new_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """A new RUNNING run in `experiment` (created if missing); returns its id."""
+    exp_id = experiment_id(uri, experiment)
+    return client(uri).create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+
+
 def start_or_resume_run(
     uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None
 ) -> tuple[str, bool]:
@@ -74,12 +83,39 @@ def start_or_resume_run(
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
-    return run.info.run_id, False
+    return new_run(uri, experiment, run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})}), False
 
 
-def end_run(uri: str, run_id: str, ok: bool) -> None:
-    client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+# Ended on purpose, not broken: Ctrl-C, a SIGTERM turned into SystemExit, and Ray Tune stopping
+# a trial (its function session leaves the trial's thread through sys.exit).
+STOPPED = (KeyboardInterrupt, SystemExit)
+
+
+@contextlib.contextmanager
+def tracked_run(uri: str, run_id: str) -> Iterator[str]:
+    """The one place a run ends: FINISHED when the block completes, KILLED when it is stopped
+    (STOPPED), FAILED on any other exception, which is re-raised. Yields `run_id`.
+
+    A process killed outright (SIGKILL, a Tune trial's actor torn down) never gets here and
+    leaves its run RUNNING: the resume path (`start_or_resume_run`) or the search's clean-up
+    closes it."""
+    try:
+        yield run_id
+    except STOPPED:
+        end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+def end_run(uri: str, run_id: str, status: bool | str) -> None:
+    """Terminate a run with `status` (FINISHED / FAILED / KILLED; a bool: FINISHED or FAILED).
+    Jobs use `tracked_run` rather than calling this."""
+    if isinstance(status, bool):
+        status = "FINISHED" if status else "FAILED"
+    client(uri).set_terminated(run_id, status=status)
 
 
 class RunLogger:

@@ -1,0 +1,54 @@
+"""pipeline.tracking's run lifecycle on a real sqlite MLflow store in a temp dir."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.tracking import RUN_NAME_TAG, client, new_run, start_or_resume_run, tracked_run
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def status(uri: str, run_id: str) -> str:
+    return client(uri).get_run(run_id).info.status
+
+
+def test_a_completed_block_finishes_the_run(uri):
+    run_id = new_run(uri, "lifecycle", "ok")
+    assert status(uri, run_id) == "RUNNING"
+    with tracked_run(uri, run_id) as got:
+        assert got == run_id
+    assert status(uri, run_id) == "FINISHED"
+    assert RUN_NAME_TAG not in client(uri).get_run(run_id).data.tags  # new_run adds no tags
+
+
+def test_an_error_fails_the_run_and_propagates(uri):
+    run_id = new_run(uri, "lifecycle", "broken")
+    with pytest.raises(ValueError, match="boom"), tracked_run(uri, run_id):
+        raise ValueError("boom")
+    assert status(uri, run_id) == "FAILED"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stopped_block_kills_the_run_and_propagates(uri, stop):
+    run_id = new_run(uri, "lifecycle", f"stopped-{stop.__name__}")
+    with pytest.raises(stop), tracked_run(uri, run_id):
+        raise stop()
+    assert status(uri, run_id) == "KILLED"
+
+
+def test_a_resumed_run_is_the_same_run_and_ends_again(uri):
+    first, resumed = start_or_resume_run(uri, "lifecycle", "resumable", tags={"k": "v"})
+    assert not resumed
+    with pytest.raises(KeyboardInterrupt), tracked_run(uri, first):
+        raise KeyboardInterrupt
+    again, resumed = start_or_resume_run(uri, "lifecycle", "resumable")
+    assert resumed and again == first and status(uri, again) == "RUNNING"
+    with tracked_run(uri, again):
+        pass
+    run = client(uri).get_run(again)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_NAME_TAG] == "resumable" and run.data.tags["k"] == "v"
