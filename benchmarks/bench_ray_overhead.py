@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from jobs.ray_connect import start_local_ray
 from machine import cpu_model
 from pipeline.config import load_config
+from pipeline.runtime import start_local_ray
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10" / "cifar10-train-{000000..000001}.tar"

@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     """Runs the pipeline; returns the probe's MLflow run id."""
     args = parse_args(argv)
-    from jobs.ray_connect import connect_ray
+    from pipeline.runtime import connect_ray
 
     t0 = time.perf_counter()
     root = Path(args.output_root).resolve()

@@ -11,10 +11,8 @@ with the same `run.run_name` resumes that run from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import (
     Config,
@@ -24,10 +22,9 @@ from pipeline.config import (
     global_batch,
     load_config,
     to_dict,
-    tracking_uri,
 )
-from pipeline.data.urls import expand_urls, split_urls, url_scheme
-from pipeline.tracking import RunLogger, check_tracking, start_or_resume_run, tracked_run
+from pipeline.runtime import preflight, resolve_paths
+from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
 
 @dataclass(frozen=True)
@@ -43,33 +40,6 @@ def run_name_for(cfg: Config) -> str:
     return cfg.run.run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _absolute_urls(urls: str) -> str:
-    parts = split_urls(urls)
-    return ",".join(str(Path(p).resolve()) if url_scheme(p) == "" else p for p in parts)
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """Local relative paths made absolute: Ray workers (and `ray job submit`) run in other
-    directories. This is the resolved config that is logged and handed to the workers."""
-    data = dataclasses.replace(
-        cfg.data,
-        train_shards=_absolute_urls(cfg.data.train_shards),
-        val_shards=_absolute_urls(cfg.data.val_shards),
-    )
-    run = dataclasses.replace(cfg.run, output_root=str(Path(cfg.run.output_root).resolve()))
-    return dataclasses.replace(cfg, data=data, run=run)
-
-
-def preflight(cfg: Config) -> str:
-    """Everything that can fail cheaply, checked before Ray starts. Returns the tracking URI."""
-    uri = tracking_uri(cfg.run)
-    check_tracking(uri)
-    expand_urls(cfg.data.train_shards)  # raises naming the pattern when nothing matches
-    if cfg.data.val_shards:
-        expand_urls(cfg.data.val_shards)
-    return uri
-
-
 def derived_params(cfg: Config) -> dict[str, float]:
     """Values the config implies but does not spell out, logged beside it."""
     return {
@@ -80,8 +50,8 @@ def derived_params(cfg: Config) -> dict[str, float]:
 
 def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
-    from jobs.ray_connect import connect_ray
     from pipeline.ray_train import build_trainer
+    from pipeline.runtime import connect_ray
 
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)

@@ -278,8 +278,7 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from jobs.pretrain import preflight, resolve_paths
-    from jobs.ray_connect import connect_ray
+    from pipeline.runtime import connect_ray, preflight, resolve_paths
     from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
     base_cfg = resolve_paths(validate(from_dict(base)))

@@ -49,7 +49,7 @@ def ray_local():
     """One real local Ray for the session (2 CPUs, like the machine), shut down at the end."""
     import ray
 
-    from jobs.ray_connect import start_local_ray
+    from pipeline.runtime import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(2, log_to_driver=False)

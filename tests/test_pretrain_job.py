@@ -132,7 +132,7 @@ def test_missing_shards_fail_naming_the_pattern(tmp_path):
 
 def _env_without_session_ray(**extra: str) -> dict[str, str]:
     """The environment for a process that runs a Ray of its own: without the test session's
-    API-server address (jobs.ray_connect exports it), which would point that Ray's cleaner at
+    API-server address (pipeline.runtime exports it), which would point that Ray's cleaner at
     the wrong cluster."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
     return env | extra
