@@ -61,8 +61,8 @@ def make_digit_shards(out: Path) -> Splits:
 
 
 def pretrain(root: Path, train: str, val: str, steps: int, stamp: str):
-    from jobs.pretrain import run_pretrain
     from pipeline.config import load_config
+    from pipeline.pretrain import run_pretrain
 
     cfg = load_config(CONFIGS / "digits.yaml", [
         f"data.train_shards={train}", f"data.val_shards={val}", f"run.output_root={root}",

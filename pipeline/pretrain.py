@@ -1,0 +1,59 @@
+"""One pretraining run: preflight, start or join Ray, open (or resume) its MLflow run, log the
+resolved config, train with Ray Train, close the run. `jobs.pretrain` and `jobs.end_to_end`
+call `run_pretrain`; Tune trials build the same trainer through `pipeline.ray_train`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pipeline.config import Config, dump_config, flatten, generator_lr, global_batch, to_dict
+from pipeline.runtime import connect_ray, preflight, resolve_paths
+from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    checkpoint_path: str | None
+    metrics: dict
+
+
+def run_name_for(cfg: Config) -> str:
+    return cfg.run.run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def derived_params(cfg: Config) -> dict[str, float]:
+    """Values the config implies but does not spell out, logged beside it."""
+    return {
+        "derived.lr_g": generator_lr(cfg.train, cfg.loss),
+        "derived.global_batch": global_batch(cfg),
+    }
+
+
+def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
+    """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
+    from pipeline.ray_train import build_trainer  # imports Ray Train: only when training
+
+    cfg = resolve_paths(cfg)
+    uri = preflight(cfg)
+    print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
+    name = run_name_for(cfg)
+    run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
+    if not resumed:
+        logger = RunLogger(uri, run_id)
+        logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
+        logger.bytes(dump_config(cfg).encode(), "config.yaml")  # the resolved config, once
+    print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}")
+    print(f"[pretrain] global batch {global_batch(cfg)} ({cfg.data.batch_size} x "
+          f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
+          f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
+
+    trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
+    with tracked_run(uri, run_id):
+        result = trainer.fit()
+    path = result.checkpoint.path if result.checkpoint is not None else None
+    return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}))
