@@ -35,7 +35,7 @@ from pipeline.config import (
 )
 from pipeline.data.masks import needs_full_image_output
 
-Objective = Literal["val_rec_l2", "knn_top1"]
+SearchMetric = Literal["val_rec_l2", "knn_top1"]
 MODES = {"val_rec_l2": "min", "knn_top1": "max"}
 
 
@@ -46,7 +46,9 @@ class AshaSettings:
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
+class KnnScoreSettings:
+    """The kNN score of each checkpoint (`KnnScore`); not the linear probe's settings."""
+
     train_samples: int = 1000  # labelled training images whose features the kNN votes with
     val_samples: int = 500  # held-out images it classifies
     layer: str = ""  # "" = the deepest encoder layer
@@ -60,12 +62,12 @@ class TuneSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # per-trial budget, e.g. max_steps
     space: dict[str, dict] = field(default_factory=dict)  # dotted key -> distribution
     num_samples: int = 4
-    objective: Objective = "knn_top1"
+    objective: SearchMetric = "knn_top1"
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs hold without starving
     max_failures: int = 1  # retries of a failed trial
     seed: int = 0  # the search's sampler: the same seed draws the same trial configs
     asha: AshaSettings = field(default_factory=AshaSettings)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    probe: KnnScoreSettings = field(default_factory=KnnScoreSettings)  # the kNN score's YAML key
 
 
 # ---- the search space ----------------------------------------------------------------------
@@ -174,7 +176,7 @@ class KnnScore:
     a labelled subset of the training shards voting for held-out images. The images are decoded
     once, on the first call, in the rank-0 worker."""
 
-    def __init__(self, cfg: Config, probe: ProbeSettings) -> None:
+    def __init__(self, cfg: Config, probe: KnnScoreSettings) -> None:
         self.cfg, self.probe = cfg, probe
         self._data: tuple[list[dict], list[dict]] | None = None
 
