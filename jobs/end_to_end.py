@@ -73,8 +73,8 @@ def pretrain(root: Path, train: str, val: str, steps: int, stamp: str):
 
 
 def search(root: Path, train: str, val: str, steps: int, trials: int, stamp: str):
-    from jobs.tune import load_settings, run_search
     from pipeline.config import apply_overrides
+    from pipeline.search import load_settings, run_search
 
     settings, base = load_settings(CONFIGS / "tune_digits.yaml", [
         f"num_samples={trials}", f"name=tune-digits-{stamp}",

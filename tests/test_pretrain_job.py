@@ -228,7 +228,7 @@ def test_rerun_with_same_name_resumes(tmp_path, cifar_small):
 
 
 def test_shipped_yaml_configs_are_valid():
-    from jobs.tune import build_space, load_settings
+    from pipeline.search import build_space, load_settings
 
     paths = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
     assert len(paths) >= 4

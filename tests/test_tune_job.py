@@ -91,7 +91,7 @@ def test_three_trial_search(tmp_path, ray_local, cifar_dir):
     ],
 )
 def test_impossible_space_is_a_clear_error(tmp_path, cifar_dir, space, match):
-    from jobs.tune import build_space, load_settings
+    from pipeline.search import build_space, load_settings
 
     settings, base = load_settings(write_configs(tmp_path, cifar_dir, space))
     with pytest.raises(ConfigError, match=match):
@@ -100,8 +100,8 @@ def test_impossible_space_is_a_clear_error(tmp_path, cifar_dir, space, match):
 
 
 def test_concurrency_leaves_room_for_workers(tmp_path, cifar_dir):
-    from jobs.tune import concurrent_trials, load_settings
     from pipeline.config import from_dict
+    from pipeline.search import concurrent_trials, load_settings
 
     settings, base = load_settings(write_configs(tmp_path, cifar_dir, SPACE))
     cfg = from_dict(base)
@@ -117,7 +117,7 @@ def test_seeded_search_draws_the_same_trials_including_exact_zeros():
     from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
     from ray.tune.search.variant_generator import generate_variants
 
-    from jobs.tune import build_space, load_settings
+    from pipeline.search import build_space, load_settings
 
     settings, base = load_settings(REPO / "jobs" / "configs" / "tune_digits.yaml")
     space = build_space(settings, base)

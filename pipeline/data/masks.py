@@ -1,7 +1,7 @@
 """Masks: the region shapes of Context Encoders (docs/method.md), one mask per sample, and the
 registry `MASKS` that says, for each `mask.kind`, how to draw it and what it implies. Adding a
-mask kind is one entry there: config validation, the loader's seed policy and the tune job's
-implied model.full_image_output all read it.
+mask kind is one entry there: config validation, the loader's seed policy and the search
+space's implied model.full_image_output (pipeline/search/space.py) all read it.
 
 A mask is a (S, S) bool array, True = dropped (filled with the mean colour, to be predicted).
 Random masks are a function of a per-sample seed that the caller derives from (seed, epoch,

@@ -1,0 +1,131 @@
+"""The search driver: one Tuner over the space (seeded sampler, ASHA on the chosen metric,
+concurrency the cluster's CPUs allow), the parent MLflow run its trials nest under, and what a
+finished search leaves behind (trials table, best_config.yaml). Running the same search again
+after an interruption continues it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, dump_config, from_dict, to_dict, validate
+from pipeline.runtime import connect_ray, preflight, resolve_paths
+from pipeline.search.settings import MODES, TuneSettings
+from pipeline.search.space import build_space, trial_config
+from pipeline.search.trial import close_stopped_trials, run_trial
+from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
+
+SCORE_COLUMNS = ("trial_id", "step", "training_iteration", "val_rec_l2", "val_fill_l2", "knn_top1")
+
+
+def concurrent_trials(settings: TuneSettings, cfg: Config, cluster_cpus: float) -> int:
+    """Trials whose workers fit the cluster at once. Trial drivers reserve no CPU (they only
+    wait on their workers), so admitted trials can never starve their own workers."""
+    if settings.max_concurrent_trials > 0:
+        return settings.max_concurrent_trials
+    per_trial = max(1, cfg.run.num_workers) * cfg.run.cpus_per_worker
+    return max(1, int(cluster_cpus // per_trial))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    table: Any  # pandas DataFrame, one row per trial
+    best_config_path: Path
+    parent_run_id: str
+    tracking_uri: str
+
+
+def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchResult:
+    """Check the space, start or join Ray, open (or resume) the parent run, run every trial,
+    write the results; the parent run ends with the search (`tracked_run`)."""
+    base_cfg = resolve_paths(validate(from_dict(base)))
+    base = to_dict(base_cfg)  # absolute paths: trials run in other directories
+    space = build_space(settings, base)
+    uri = preflight(base_cfg)
+    print(f"[tune] {connect_ray(address or base_cfg.run.address)}; MLflow at {uri}", flush=True)
+    root = (Path(base_cfg.run.output_root) / "tune" / settings.name).resolve()
+    parent_id, resumed = start_or_resume_run(uri, base_cfg.run.name, settings.name,
+                                             tags={"ce.kind": "search"})  # fmt: skip
+    if not resumed:
+        RunLogger(uri, parent_id).params({f"search.{k}": v for k, v in settings.space.items()})
+    trainable = _trainable(settings, base, root, uri, parent_id)
+    tuner = _tuner(trainable, space, settings, base_cfg, root / "ray_tune")
+    with tracked_run(uri, parent_id):
+        results = tuner.fit()
+        return _write_results(results, settings, base, root, uri, parent_id)
+
+
+def _trainable(settings: TuneSettings, base: dict, root: Path, uri: str, parent_id: str):
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base,
+            settings=settings,
+            root=str(root),
+            uri=uri,
+            parent_run_id=parent_id,
+        ),  # fmt: skip
+        # Drivers only wait on their Train workers: no CPU, so admitted trials never hold the
+        # CPUs their own workers need. A placement group bundle cannot be empty, hence the
+        # token 1 MiB of Ray's "memory" resource.
+        {"CPU": 0, "memory": 1 << 20},
+    )
+
+
+def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tune_dir: Path):
+    """A new Tuner, or the interrupted one restored from `tune_dir` (errored trials retried)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    if tune.Tuner.can_restore(str(tune_dir / settings.name)):
+        print(f"[tune] resuming the search in {tune_dir / settings.name}", flush=True)
+        return tune.Tuner.restore(str(tune_dir / settings.name), trainable,
+                                  resume_errored=True)  # fmt: skip
+    concurrency = concurrent_trials(settings, base_cfg, ray.cluster_resources().get("CPU", 1))
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=settings.objective, mode=MODES[settings.objective],
+            num_samples=settings.num_samples, max_concurrent_trials=concurrency,
+            search_alg=BasicVariantGenerator(random_state=settings.seed),
+            scheduler=ASHAScheduler(grace_period=settings.asha.grace_period,
+                                    reduction_factor=settings.asha.reduction_factor),
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name, storage_path=str(tune_dir),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        ),
+    )  # fmt: skip
+
+
+def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri: str,
+                   parent_id: str) -> SearchResult:  # fmt: skip
+    """trials.parquet / .csv (best first) and best_config.yaml under `root`, logged to the
+    parent run with the best score; stopped trials' runs closed."""
+    metric, mode = settings.objective, MODES[settings.objective]
+    table = results.get_dataframe(filter_metric=metric, filter_mode=mode)
+    keep = [c for c in table.columns if c.startswith("config/") or c in SCORE_COLUMNS]
+    table = table[keep].sort_values(metric, ascending=mode == "min")
+    root.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(root / "trials.parquet", index=False)
+    table.to_csv(root / "trials.csv", index=False)
+
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    # The winner's config, with the base run settings (not the trial's run name or folder), so
+    # `python -m jobs.pretrain --config best_config.yaml` trains it as a fresh run.
+    best_path = root / "best_config.yaml"
+    best_path.write_text(dump_config(trial_config(base, best.config)))
+
+    close_stopped_trials(uri, parent_id, {r.metrics.get("trial_id") for r in results if r.error})
+    logger = RunLogger(uri, parent_id)
+    for f in ("trials.parquet", "trials.csv", "best_config.yaml"):
+        logger.file(root / f)
+    logger.metrics({f"best_{metric}": float(best.metrics[metric])}, 0)
+    return SearchResult(table, best_path, parent_id, uri)

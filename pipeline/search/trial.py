@@ -1,0 +1,55 @@
+"""One trial: a Tune function trainable that runs one tracked pretraining run (a child of the
+search's MLflow run), and the clean-up of the child runs Tune stopped before they could close.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import flatten, to_dict
+from pipeline.search.scoring import KnnScore
+from pipeline.search.settings import TuneSettings
+from pipeline.search.space import trial_config
+from pipeline.tracking import RunLogger, client, start_or_resume_run, tracked_run
+
+
+def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, root: str,
+              uri: str, parent_run_id: str) -> None:  # fmt: skip
+    """A Tune function trainable: one pretraining run, reported to Tune via its callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.ray_train import build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    run_name = f"{settings.name}-{trial_id}"
+    cfg = trial_config(base, params, output_root=str(Path(root) / "trials"), run_name=run_name)
+    tags = {"mlflow.parentRunId": parent_run_id, "ce.trial_id": trial_id}
+    run_id, resumed = start_or_resume_run(uri, cfg.run.name, run_name, tags=tags)
+    if not resumed:
+        RunLogger(uri, run_id).params(flatten(to_dict(cfg)))
+    trainer = build_trainer(
+        cfg, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
+        callbacks=[TuneReportCallback()], extra_scores=KnnScore(cfg, settings.probe),
+    )  # fmt: skip
+    with tracked_run(uri, run_id):
+        trainer.fit()
+
+
+def close_stopped_trials(uri: str, parent_id: str, errored: set[str]) -> None:
+    """Trials ASHA stopped early are ended by Tune before (or while) their driver closes the
+    MLflow run, which is then left RUNNING, FAILED or KILLED: mark them KILLED, with a tag
+    saying why. Trials that really failed (`errored` trial ids) keep FAILED."""
+    c = client(uri)
+    exp = c.get_run(parent_id).info.experiment_id
+    children = c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )  # fmt: skip
+    for run in children:
+        stopped = run.data.tags.get("ce.trial_id") not in errored
+        state = run.info.status
+        if state == "RUNNING" or (state in ("FAILED", "KILLED") and stopped):
+            c.set_tag(run.info.run_id, "ce.stopped_early", "true")
+            if state != "KILLED":  # a driver that saw Tune's stop already closed it KILLED
+                c.set_terminated(run.info.run_id, status="KILLED")
