@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.grid import inpainting_grid
+from pipeline.sample_grid import inpainting_grid
 
 # A perfect prediction has MSE 0 and infinite PSNR; cap it so means stay finite.
 _MIN_MSE = 1e-10

@@ -21,8 +21,8 @@ import torch
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_encoder
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
-from pipeline.grid import inpainting_grid
 from pipeline.passes import eval_mode, take_batches
+from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
