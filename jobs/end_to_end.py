@@ -86,27 +86,11 @@ def search(root: Path, train: str, val: str, steps: int, trials: int, stamp: str
     return run_search(settings, base)
 
 
-def best_trial_encoder(uri: str, parent_run_id: str, trial_ids: list[str]) -> str:
-    """The runs:/ URI of the encoder of the best trial that finished (`trial_ids` best first).
-    A trial ASHA stopped early never reached the end of training, where the encoder is logged."""
-    from pipeline.tracking import client
-
-    c = client(uri)
-    experiment = c.get_run(parent_run_id).info.experiment_id
-    for trial_id in trial_ids:
-        runs = c.search_runs(
-            [experiment],
-            filter_string=f"tags.`ce.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
-            max_results=1,
-        )
-        if runs:
-            return f"runs:/{runs[0].info.run_id}/encoder/generator.pt"
-    raise RuntimeError(f"no trial of search {parent_run_id} finished: {trial_ids}")
-
-
 def select_encoders(root: Path, splits: Splits, args: argparse.Namespace, stamp: str,
                     t0: float) -> Selected:  # fmt: skip
     """Steps 2-3: pretrain, then search, choosing on the val split. Never reads splits.test."""
+    from pipeline.search.trial import best_trial_encoder
+
     _stage(f"2/4 pretraining with Ray Train, 2 workers, {args.steps} steps", t0)
     pre = pretrain(root, splits.train, splits.val, args.steps, stamp)
     _stage(f"3/4 Ray Tune search, {args.trials} trials of {args.trial_steps} steps", t0)

@@ -1,5 +1,6 @@
 """One trial: a Tune function trainable that runs one tracked pretraining run (a child of the
-search's MLflow run), and the clean-up of the child runs Tune stopped before they could close.
+search's MLflow run), the clean-up of the child runs Tune stopped before they could close, and
+finding the encoder of the best trial that finished.
 """
 
 from __future__ import annotations
@@ -53,3 +54,19 @@ def close_stopped_trials(uri: str, parent_id: str, errored: set[str]) -> None:
             c.set_tag(run.info.run_id, "ce.stopped_early", "true")
             if state != "KILLED":  # a driver that saw Tune's stop already closed it KILLED
                 c.set_terminated(run.info.run_id, status="KILLED")
+
+
+def best_trial_encoder(uri: str, parent_run_id: str, trial_ids: list[str]) -> str:
+    """The runs:/ URI of the encoder of the best trial that finished (`trial_ids` best first).
+    A trial ASHA stopped early never reached the end of training, where the encoder is logged."""
+    c = client(uri)
+    experiment = c.get_run(parent_run_id).info.experiment_id
+    for trial_id in trial_ids:
+        runs = c.search_runs(
+            [experiment],
+            filter_string=f"tags.`ce.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        if runs:
+            return f"runs:/{runs[0].info.run_id}/encoder/generator.pt"
+    raise RuntimeError(f"no trial of search {parent_run_id} finished: {trial_ids}")
