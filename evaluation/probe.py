@@ -3,13 +3,27 @@
 Pure functions on arrays. The regularisation C is chosen on a validation split carved from the
 training features only: `fit_probe` never sees test data, so nothing can select on it. The
 chosen C is then refit on train + validation, as in the usual linear-evaluation protocol.
+
+Two things make the numbers mean what they say:
+
+* Regularisation per sample. scikit-learn minimises ½||w||² + C·Σ_i loss_i, i.e.
+  mean_i loss_i + ||w||² / (2·C·n): one C regularises less per sample the more rows it is fitted
+  on. The sweep picks C on n_sweep rows, and the refit on n_final rows uses
+  `scale_c(C, n_sweep, n_final)` so that the objective per sample, the thing validation chose,
+  is unchanged. By default the sweep fits on the whole carved train part (90 % of train), so C
+  is chosen at nearly the size of the final fit.
+* Convergence. Every lbfgs fit records its iterations and whether it reached `tol` before
+  `max_iter`; a fit that did not is logged as a warning and reported (`probe_converged` = 0), so
+  a truncated solver can never pass silently for a probe result.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,51 +33,143 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
-# A small log grid: each extra C is one more lbfgs fit in the costliest step of the protocol.
-# Standardised features of a few thousand dimensions swept on ~5k rows have wanted the small
-# end (random-init CIFAR-10 conv3 features: 0.001 won over 0.01..1), so the grid reaches 1e-4.
-DEFAULT_C_GRID: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0)
+# C at the sweep's size (45,000 carved train rows for CIFAR-10), half a decade apart. Measured
+# on CIFAR-10 conv3 (random init, 4096-d, tol 1e-4): validation top-1 0.491 / 0.517 / 0.533 /
+# 0.531 / 0.525 at C = 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2, so three points bracket the top, and
+# each one more is a full-size lbfgs fit (130-240 iterations warm-started), the costliest step
+# of the protocol. A choice at an edge is logged: widen the grid (--c-grid) then.
+DEFAULT_C_GRID: tuple[float, ...] = (0.0003, 0.001, 0.003)
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     c_grid: tuple[float, ...] = DEFAULT_C_GRID
     val_fraction: float = 0.1  # share of train carved off (stratified) to choose C
-    # The C sweep fits on at most this many train rows (0 = all): the sweep only has to rank
-    # the Cs, and its cost is linear in rows.
-    sweep_max_samples: int = 5_000
-    # lbfgs iterations per fit. On CIFAR-10 pixels top-1 moved < 0.5 % between 50 and 200
-    # iterations while the cost is linear in them; warm starts make the later fits short.
-    max_iter: int = 50
+    # The C sweep fits on at most this many rows of the carved train part (0 = all of it). A
+    # subsample is cheaper but chooses the regularisation of a smaller problem: on CIFAR-10
+    # conv3 a 15k-row sweep chose 3x more per-sample regularisation than the 45k one and lost
+    # 1.6 points of test top-1 (0.527 vs 0.543).
+    sweep_max_samples: int = 0
+    # lbfgs iteration cap per fit: a safety net, not a budget. CIFAR-10 conv3 (45k x 4096,
+    # tol 1e-4) took 130-240 iterations per C of the ascending sweep and ~120 for the refit;
+    # a fit that reaches the cap is reported as not converged.
+    max_iter: int = 1000
+    # lbfgs stops when the largest gradient entry of the per-sample objective is below tol
+    # (scikit-learn's default). On CIFAR-10 conv3 at C=1e-3, going on from 1e-4 to 1e-6
+    # changed no validation prediction (1e-3 -> 1e-4 changed 0.6 % of them).
+    tol: float = 1e-4
+    # BLAS threads for the sweep and refit (0 = the library's default, all cores). On the
+    # 2-core machine the full CIFAR-10 fit took 234 s with both cores and 271 s with one when
+    # it was quiet; but with a 2-worker training beside it one 45k x 4096 loss + gradient took
+    # 0.33-0.43 s on one thread and 1.7-6 s on two (OpenBLAS threads spin), so set 1 there.
+    blas_threads: int = 0
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SolverRun:
+    """One lbfgs fit: its C, rows, iterations, whether it converged within max_iter, time."""
+
+    c: float
+    n_rows: int
+    n_iter: int
+    converged: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The C sweep on the carved split: the chosen C and what every C scored and cost."""
+
+    c: float  # the chosen grid C, at `n_rows` rows
+    val_top1: dict[float, float]  # C -> validation top-1
+    runs: tuple[SolverRun, ...]  # one per C, in the order fitted
+    n_rows: int  # rows each sweep fit was trained on
+    coef: np.ndarray  # the chosen C's solution, which warm-starts the refit
+    intercept: np.ndarray
+    seconds: float
 
 
 @dataclass
 class ProbeFit:
-    """A fitted probe: the pipeline refit on train + val with `c`, and the sweep behind it."""
+    """A fitted probe: the pipeline refit on train + val with `c_final`, and the sweep behind
+    it."""
 
     model: Pipeline
-    # The chosen C, used unchanged for the refit on train + val. sklearn's C scales the summed
-    # data loss, so the same C on more rows regularises a little less, as more data warrants.
-    c: float
+    c: float  # the chosen grid C (regularisation chosen at the sweep's `n_sweep` rows)
     val_top1: dict[float, float] = field(default_factory=dict)  # C -> validation top-1
+    c_final: float = float("nan")  # scale_c(c, n_sweep, n_final): C of the refit
+    n_sweep: int = 0
+    n_final: int = 0
+    final: SolverRun | None = None  # the refit
+    sweep_runs: tuple[SolverRun, ...] = ()
+    sweep_seconds: float = 0.0
+    refit_seconds: float = 0.0
+
+    @property
+    def converged(self) -> bool:
+        """True when every fit behind the numbers, sweep and refit, reached tol."""
+        runs = (*self.sweep_runs, *((self.final,) if self.final else ()))
+        return all(r.converged for r in runs)
 
 
-def _pipeline(c: float, max_iter: int) -> Pipeline:
+def scale_c(c: float, n_from: int, n_to: int) -> float:
+    """The C on `n_to` rows with the same per-sample objective as `c` on `n_from` rows.
+
+    scikit-learn's LogisticRegression minimises ½||w||² + C·Σ_i loss_i, which divided by C·n is
+    mean_i loss_i + ||w||² / (2·C·n): the per-sample regularisation is 1 / (C·n). Keeping it
+    fixed from n_from to n_to rows needs C·n fixed, i.e. C · n_from / n_to. (Reusing C unchanged
+    on 10x the rows would regularise 10x less per sample than validation chose.)
+    """
+    if c <= 0 or n_from <= 0 or n_to <= 0:
+        raise ValueError(f"scale_c needs positive c and row counts, got {c}, {n_from}, {n_to}")
+    return c * n_from / n_to
+
+
+def _logistic(c: float, s: ProbeSettings) -> LogisticRegression:
     # lbfgs fits the multinomial (softmax) loss for >2 classes, the protocol's "multinomial LR".
-    lr = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, warm_start=True)
-    return Pipeline([("scale", StandardScaler()), ("lr", lr)])
+    # warm_start: each fit starts from the previous solution. The problem is strictly convex,
+    # so the optimum is the same as from zero; only the path there is shorter.
+    return LogisticRegression(C=c, solver="lbfgs", max_iter=s.max_iter, tol=s.tol, warm_start=True)
 
 
-def _fit(pipe: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
-    # A probe at max_iter that has not fully converged is still a fair, comparable probe;
-    # silence the warning rather than flood the log once per C and layer.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return pipe.fit(x, y)
+def _solve(lr: LogisticRegression, z: np.ndarray, y: np.ndarray, what: str) -> SolverRun:
+    """Fit `lr` on standardised `z` and record it. Converged means lbfgs reported success
+    (gradient below tol, or no further decrease at float precision) within max_iter, i.e.
+    scikit-learn raised no ConvergenceWarning; a fit that did not is logged as a warning."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        lr.fit(z, y)
+    seconds = time.perf_counter() - t0
+    for w in caught:  # other warnings pass through; ConvergenceWarning becomes the log below
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    n_iter = int(np.max(lr.n_iter_))
+    warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    run = SolverRun(
+        c=float(lr.C),
+        n_rows=len(z),
+        n_iter=n_iter,
+        converged=not warned and n_iter < lr.max_iter,
+        seconds=seconds,
+    )
+    if not run.converged:
+        log.warning(
+            "probe: %s did NOT converge: lbfgs stopped after %d iterations (max_iter=%d, "
+            "tol=%g) with C=%g on %d rows; its accuracy is not that of the optimum",
+            what, n_iter, lr.max_iter, lr.tol, run.c, run.n_rows,
+        )  # fmt: skip
+    return run
+
+
+def _blas(s: ProbeSettings) -> AbstractContextManager:
+    """Scope the BLAS thread count of the sweep and the refit (see `blas_threads`)."""
+    return threadpool_limits(s.blas_threads, user_api="blas") if s.blas_threads else nullcontext()
 
 
 def _check_inputs(x: np.ndarray, y: np.ndarray) -> None:
@@ -75,63 +181,104 @@ def _check_inputs(x: np.ndarray, y: np.ndarray) -> None:
         raise ValueError("probe features contain NaN or inf")
 
 
-def _carve_validation(
+def carve_validation(
     x: np.ndarray, y: np.ndarray, s: ProbeSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified train/val split of the *training* features (fixed seed)."""
+    """(x_tr, x_val, y_tr, y_val): stratified split of the *training* features (fixed seed),
+    the tr part subsampled to `s.sweep_max_samples` rows when that is set."""
     _, counts = np.unique(y, return_counts=True)
     stratify = y if counts.min() >= 2 else None
-    return train_test_split(x, y, test_size=s.val_fraction, random_state=s.seed, stratify=stratify)
+    x_tr, x_val, y_tr, y_val = train_test_split(
+        x, y, test_size=s.val_fraction, random_state=s.seed, stratify=stratify
+    )
+    if 0 < s.sweep_max_samples < len(x_tr):
+        idx = np.sort(
+            np.random.default_rng(s.seed).choice(len(x_tr), s.sweep_max_samples, replace=False)
+        )
+        x_tr, y_tr = x_tr[idx], y_tr[idx]
+    return x_tr, x_val, y_tr, y_val
 
 
-def _subset(x: np.ndarray, y: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if n <= 0 or len(x) <= n:
-        return x, y
-    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
-    return x[np.sort(idx)], y[np.sort(idx)]
+def best_c(val_top1: dict[float, float]) -> float:
+    """The C with the highest validation top-1; ties go to the smaller (more regularised) C."""
+    return min(val_top1, key=lambda c: (-val_top1[c], c))
 
 
 def select_c(
     x_train: np.ndarray, y_train: np.ndarray, settings: ProbeSettings = ProbeSettings()
-) -> tuple[float, dict[float, float], Pipeline]:
-    """Sweep C (ascending, warm-started) on a split of the training data only.
+) -> Sweep:
+    """Sweep C (ascending, warm-started) on the carved train part, scored on the validation part.
 
-    Returns (best C, {C: validation top-1}, the pipeline fitted at the best C on the sweep
-    subset, whose coefficients warm-start the final refit). Ties go to the smaller C.
+    Only the training features enter. Ties go to the smaller C; a choice at the edge of the grid
+    is logged, as the best C may lie beyond it.
     """
-    x_tr, x_val, y_tr, y_val = _carve_validation(x_train, y_train, settings)
-    x_tr, y_tr = _subset(x_tr, y_tr, settings.sweep_max_samples, settings.seed)
-    pipe = _pipeline(min(settings.c_grid), settings.max_iter)
+    with _blas(settings):
+        return _sweep(x_train, y_train, settings)
+
+
+def _sweep(x_train: np.ndarray, y_train: np.ndarray, settings: ProbeSettings) -> Sweep:
+    t0 = time.perf_counter()
+    x_tr, x_val, y_tr, y_val = carve_validation(x_train, y_train, settings)
+    scaler = StandardScaler().fit(x_tr)
+    z_tr, z_val = scaler.transform(x_tr), scaler.transform(x_val)
+    del x_tr, x_val  # float32 copies of up to 45k x 4096: free them before the fits
+    lr = _logistic(min(settings.c_grid), settings)
     scores: dict[float, float] = {}
-    best_c, best_acc, best_coef = None, -1.0, None
-    # Ascending C: each fit starts from the previous, more regularised solution (warm_start).
-    for c in sorted(settings.c_grid):
-        pipe.set_params(lr__C=c)
-        _fit(pipe, x_tr, y_tr)
-        acc = float((pipe.predict(x_val) == y_val).mean())
-        scores[c] = acc
-        if acc > best_acc:
-            best_c, best_acc = c, acc
-            best_coef = (pipe["lr"].coef_.copy(), pipe["lr"].intercept_.copy())
-    if len(scores) > 1 and best_c in (min(scores), max(scores)):
-        log.warning("probe: chosen C=%g is at the edge of the grid %s", best_c, sorted(scores))
-    pipe.set_params(lr__C=best_c)
-    pipe["lr"].coef_, pipe["lr"].intercept_ = best_coef
-    return float(best_c), scores, pipe
+    runs: list[SolverRun] = []
+    solutions: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    # Ascending C: each fit starts from the previous, more regularised solution, which is
+    # closer to the next optimum than zero is (the weights grow with C).
+    for c in sorted(set(settings.c_grid)):
+        lr.set_params(C=c)
+        runs.append(_solve(lr, z_tr, y_tr, f"C sweep fit C={c:g}"))
+        scores[c] = float((lr.predict(z_val) == y_val).mean())
+        solutions[c] = (lr.coef_.copy(), lr.intercept_.copy())
+    chosen = best_c(scores)
+    if len(scores) > 1 and chosen in (min(scores), max(scores)):
+        log.warning("probe: chosen C=%g is at the edge of the grid %s", chosen, sorted(scores))
+    coef, intercept = solutions[chosen]
+    return Sweep(
+        c=chosen,
+        val_top1=scores,
+        runs=tuple(runs),
+        n_rows=len(z_tr),
+        coef=coef,
+        intercept=intercept,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def fit_probe(
     x_train: np.ndarray, y_train: np.ndarray, settings: ProbeSettings = ProbeSettings()
 ) -> ProbeFit:
-    """Choose C on a validation split of train, then refit on all of train (train + val).
+    """Choose C on a validation split of train, then refit on all of train (train + val) with
+    that C scaled to the refit's rows (`scale_c`).
 
     Only training features and labels enter; test data cannot influence C by construction.
     """
     _check_inputs(x_train, y_train)
-    c, scores, pipe = select_c(x_train, y_train, settings)
-    # Refit scaler + LR on train + val; the LR warm-starts from the sweep's best coefficients.
-    _fit(pipe, x_train, y_train)
-    return ProbeFit(model=pipe, c=c, val_top1=scores)
+    with _blas(settings):
+        sweep = select_c(x_train, y_train, settings)
+        t0 = time.perf_counter()
+        c_final = scale_c(sweep.c, sweep.n_rows, len(x_train))
+        scaler = StandardScaler().fit(x_train)
+        lr = _logistic(c_final, settings)
+        # Warm start from the sweep's solution: the same per-sample objective on 10 % more rows
+        # (and a scaler refit on them), so its optimum is close.
+        lr.coef_, lr.intercept_ = sweep.coef.copy(), sweep.intercept.copy()
+        final = _solve(lr, scaler.transform(x_train), y_train, "final refit")
+    return ProbeFit(
+        model=Pipeline([("scale", scaler), ("lr", lr)]),
+        c=sweep.c,
+        val_top1=sweep.val_top1,
+        c_final=c_final,
+        n_sweep=sweep.n_rows,
+        n_final=len(x_train),
+        final=final,
+        sweep_runs=sweep.runs,
+        sweep_seconds=sweep.seconds,
+        refit_seconds=time.perf_counter() - t0,
+    )
 
 
 def topk_accuracy(scores: np.ndarray, y: np.ndarray, classes: np.ndarray, k: int) -> float:
@@ -142,7 +289,9 @@ def topk_accuracy(scores: np.ndarray, y: np.ndarray, classes: np.ndarray, k: int
 
 
 def score_probe(fit: ProbeFit, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
-    """Top-1, top-5, balanced accuracy on the test features, plus the chosen C."""
+    """Top-1, top-5, balanced accuracy on the test features, plus how the probe was fitted:
+    probe_C (chosen grid C), probe_C_final (its scaled refit C), probe_n_iter (refit lbfgs
+    iterations) and probe_converged (1.0 when every sweep fit and the refit reached tol)."""
     proba = fit.model.predict_proba(x_test)
     classes = fit.model.classes_
     pred = classes[proba.argmax(axis=1)]
@@ -151,6 +300,9 @@ def score_probe(fit: ProbeFit, x_test: np.ndarray, y_test: np.ndarray) -> dict[s
         "probe_top5": topk_accuracy(proba, y_test, classes, 5),
         "probe_balanced_acc": float(balanced_accuracy_score(y_test, pred)),
         "probe_C": fit.c,
+        "probe_C_final": fit.c_final,
+        "probe_n_iter": float(fit.final.n_iter) if fit.final else float("nan"),
+        "probe_converged": float(fit.converged),
     }
 
 

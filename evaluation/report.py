@@ -37,9 +37,35 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
     return out.reindex(index=pd.MultiIndex.from_tuples(list(order)), columns=metrics)
 
 
+NOT_CONVERGED_MARK = " (!)"
+
+
+def unconverged_probes(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(encoder, layer) pairs whose probe solver stopped before converging
+    (`probe_converged` == 0), in table order."""
+    sub = df[(df["metric"] == "probe_converged") & (df["value"] < 1)]
+    return list(dict.fromkeys(sub[["encoder", "layer"]].itertuples(index=False, name=None)))
+
+
 def format_table(df: pd.DataFrame) -> str:
-    """A readable fixed-width rendering of `wide(df)`."""
-    return wide(df).to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
+    """A readable fixed-width rendering of `wide(df)`. Layers whose probe did not converge are
+    marked in the table and named in a footnote under it: their probe numbers are not those of
+    the optimum, and a reader of the table alone must not take them for final."""
+    w = wide(df)
+    bad = unconverged_probes(df)
+    if bad:
+        w.index = pd.MultiIndex.from_tuples(
+            [(e, f"{lay}{NOT_CONVERGED_MARK}" if (e, lay) in bad else lay) for e, lay in w.index]
+        )
+    text = w.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
+    if bad:
+        names = ", ".join(f"{e}/{lay}" for e, lay in bad)
+        text += (
+            f"\n{NOT_CONVERGED_MARK.strip()} linear probe did not converge (probe_converged = 0) "
+            f"for {names}: lbfgs stopped short of its tolerance, so those probe numbers are "
+            "not the optimum's; see the log and raise --max-iter."
+        )
+    return text
 
 
 def write_table(df: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:

@@ -52,9 +52,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-tasks", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-dim", type=int, default=4096, help="pooled feature size per layer")
-    p.add_argument("--c-grid", default=",".join(map(str, ProbeSettings.c_grid)))
-    p.add_argument("--sweep-max-samples", type=int, default=ProbeSettings.sweep_max_samples)
-    p.add_argument("--max-iter", type=int, default=ProbeSettings.max_iter)
+    p.add_argument(
+        "--c-grid",
+        default=",".join(map(str, ProbeSettings.c_grid)),
+        help="probe Cs at the sweep's rows; the refit scales C to its own rows",
+    )
+    p.add_argument(
+        "--sweep-max-samples",
+        type=int,
+        default=ProbeSettings.sweep_max_samples,
+        help="C sweep on at most this many carved train rows (0 = all)",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int,
+        default=ProbeSettings.max_iter,
+        help="lbfgs cap per probe fit; a fit that reaches it is reported unconverged",
+    )
+    p.add_argument("--tol", type=float, default=ProbeSettings.tol, help="lbfgs gradient tol")
     p.add_argument("--inpaint-images", type=int, default=2000)
     return p.parse_args(argv)  # fmt: skip
 
@@ -65,7 +80,10 @@ def settings_from(args: argparse.Namespace) -> ProtocolSettings:
         batch_size=args.batch_size,
         max_dim=args.max_dim,
         probe=ProbeSettings(
-            c_grid=grid, sweep_max_samples=args.sweep_max_samples, max_iter=args.max_iter
+            c_grid=grid,
+            sweep_max_samples=args.sweep_max_samples,
+            max_iter=args.max_iter,
+            tol=args.tol,
         ),
         inpaint_images=args.inpaint_images,
     )
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
             ray_tasks=args.ray_tasks,
         )
         logged = ("train_shards", "test_shards", "layers", "image_size", "max_dim", "c_grid",
-                  "sweep_max_samples", "max_iter", "ray")  # fmt: skip
+                  "sweep_max_samples", "max_iter", "tol", "ray")  # fmt: skip
         params = {f"encoder.{n}": u for n, u in encoders.items()}
         params |= {k: getattr(args, k) for k in logged}
         log_results(RunLogger(uri, run_id), table, out_dir, params)

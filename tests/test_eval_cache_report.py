@@ -90,6 +90,19 @@ def test_table_shape_files_and_best_layer(tmp_path):
     assert np.isnan(w.loc[("ce", "output"), "probe_top1"])
 
 
+def test_unconverged_probes_are_marked_in_the_table():
+    df = sample_table()
+    assert "(!)" not in report.format_table(df)  # no probe_converged rows: nothing to mark
+    rows = report.rows_for("ce", "conv1", {"probe_top1": 0.6, "probe_converged": 1.0})
+    rows += report.rows_for("ce", "conv2", {"probe_top1": 0.7, "probe_converged": 0.0})
+    df = report.make_table(rows)
+    assert report.unconverged_probes(df) == [("ce", "conv2")]
+    lines = report.format_table(df).splitlines()
+    assert any("conv2 (!)" in line for line in lines)
+    assert not any("conv1 (!)" in line for line in lines)
+    assert "did not converge" in lines[-1] and "ce/conv2" in lines[-1]
+
+
 def test_duplicate_rows_are_refused():
     rows = report.rows_for("a", "l", {"m": 1.0}) * 2
     with pytest.raises(ValueError, match="duplicate"):
