@@ -57,11 +57,17 @@ def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | N
     URI and the path it resolved to.
     """
     if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import tempfile
+
         import mlflow.artifacts  # only when asked: the library never imports MLflow eagerly
 
+        # A folder of its own per download: two probe jobs sharing an output root would
+        # otherwise write the same generator.pt at once and read each other's half-written file.
+        Path(download_dir).mkdir(parents=True, exist_ok=True)
+        dst = tempfile.mkdtemp(prefix="encoder-", dir=download_dir)
         path = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(download_dir), tracking_uri=tracking_uri
+                artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri
             )
         )
     else:
