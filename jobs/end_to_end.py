@@ -12,7 +12,8 @@ Steps 2-3 (`select_encoders`) read the train and val shards only: every choice i
 The test shards are read once, by the probe in step 4 (`score`), to score.
 
 Every step is the same library call the individual jobs make (`jobs.make_shards`,
-`jobs.pretrain`, `jobs.tune`, `jobs.probe`); nothing here is a second copy of their logic.
+`pipeline.pretrain.run_pretrain`, `pipeline.search.run_search`, `evaluation.run.run_probe`);
+nothing here is a second copy of their logic.
 """
 
 from __future__ import annotations
@@ -109,16 +110,20 @@ def select_encoders(root: Path, splits: Splits, args: argparse.Namespace, stamp:
 
 def score(root: Path, splits: Splits, chosen: Selected, layers: str, t0: float) -> str:
     """Step 4: the probe, the only reader of the test split. Returns its MLflow run id."""
-    from jobs import probe
+    import logging
+
+    from evaluation.run import ProbeRunConfig, run_probe
 
     _stage("4/4 linear probes and kNN on frozen features vs random init and raw pixels", t0)
-    return probe.main([
-        "--encoder", f"pretrained={chosen.pretrained_uri}",
-        "--encoder", f"tune_best={chosen.tune_best_uri}",
-        "--train-shards", splits.train, "--test-shards", splits.test, "--image-size", "32",
-        "--output-root", str(root), "--tracking-uri", chosen.tracking_uri,
-        "--experiment", "digits-probe", "--inpaint-images", "0", "--layers", layers,
-    ])  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    res = run_probe(ProbeRunConfig(
+        encoders={"pretrained": chosen.pretrained_uri, "tune_best": chosen.tune_best_uri},
+        train_shards=splits.train, test_shards=splits.test, image_size=32,
+        output_root=str(root), tracking_uri=chosen.tracking_uri, experiment="digits-probe",
+        inpaint_images=0, layers=layers,
+    ))  # fmt: skip
+    print(res.summary())
+    return res.run_id
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

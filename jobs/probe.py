@@ -6,23 +6,18 @@ encoders and the baselines, logged as one comparable table to one MLflow run.
         --test-shards 'data/cifar10-test-{000000..000001}.tar' --image-size 32 \\
         --output-root outputs [--layers conv2,conv3] [--ray]
 
-Thin: parse, (join Ray), call `evaluation.protocol.evaluate_encoders`, log to MLflow, print.
+Thin: parse, call `evaluation.run.run_probe` (protocol + one MLflow run), print.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import re
-import time
-from pathlib import Path
 
-import pandas as pd
+from evaluation.run import ProbeRunConfig, run_probe
 
-from evaluation import report
-from evaluation.probe import ProbeSettings, c_grid_from
-from evaluation.protocol import ProtocolSettings, evaluate_encoders
-from pipeline.tracking import RunLogger, check_tracking, client, end_run, experiment_id
+D = ProbeRunConfig  # the flag defaults are the config's
 
 
 def _encoder_arg(text: str) -> tuple[str, str]:
@@ -43,119 +38,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--train-shards", required=True)
     p.add_argument("--test-shards", required=True)
-    p.add_argument("--layers", default="", help="comma-separated encoder layers ('' = all)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--output-root", default="outputs")
-    p.add_argument("--tracking-uri", default="", help="'' = sqlite:///<output-root>/mlflow.db")
-    p.add_argument("--experiment", default="context-encoder-probe")
+    p.add_argument("--layers", default=D.layers, help="comma-separated encoder layers ('' = all)")
+    p.add_argument("--image-size", type=int, default=D.image_size)
+    p.add_argument("--output-root", default=D.output_root)
+    p.add_argument(
+        "--tracking-uri", default=D.tracking_uri, help="'' = sqlite:///<output-root>/mlflow.db"
+    )
+    p.add_argument("--experiment", default=D.experiment)
     p.add_argument("--ray", action="store_true", help="fan feature extraction out over Ray")
-    p.add_argument("--ray-tasks", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-dim", type=int, default=4096, help="pooled feature size per layer")
+    p.add_argument("--ray-tasks", type=int, default=D.ray_tasks)
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--max-dim", type=int, default=D.max_dim, help="pooled feature size per layer")
     p.add_argument(
         "--c-grid",
-        default=",".join(map(str, ProbeSettings.c_grid)),
+        default=D.c_grid,
         help="probe Cs at the sweep's rows; the refit scales C to its own rows",
     )
     p.add_argument(
         "--sweep-max-samples",
         type=int,
-        default=ProbeSettings.sweep_max_samples,
+        default=D.sweep_max_samples,
         help="C sweep on at most this many carved train rows (0 = all)",
     )
     p.add_argument(
         "--max-iter",
         type=int,
-        default=ProbeSettings.max_iter,
+        default=D.max_iter,
         help="lbfgs cap per probe fit; a fit that reaches it is reported unconverged",
     )
-    p.add_argument("--tol", type=float, default=ProbeSettings.tol, help="lbfgs gradient tol")
-    p.add_argument("--inpaint-images", type=int, default=2000)
+    p.add_argument("--tol", type=float, default=D.tol, help="lbfgs gradient tol")
+    p.add_argument("--inpaint-images", type=int, default=D.inpaint_images)
     return p.parse_args(argv)  # fmt: skip
 
 
-def settings_from(args: argparse.Namespace) -> ProtocolSettings:
-    grid = c_grid_from([float(v) for v in args.c_grid.split(",") if v.strip()])
-    return ProtocolSettings(
-        batch_size=args.batch_size,
-        max_dim=args.max_dim,
-        probe=ProbeSettings(
-            c_grid=grid,
-            sweep_max_samples=args.sweep_max_samples,
-            max_iter=args.max_iter,
-            tol=args.tol,
-        ),
-        inpaint_images=args.inpaint_images,
-    )
-
-
-def _metric_name(*parts: str) -> str:
-    # MLflow metric names take letters, digits and _ - . / space only; keep them readable.
-    return "/".join(re.sub(r"[^A-Za-z0-9_.\- ]", "_", p) for p in parts)
-
-
-def log_results(
-    logger: RunLogger, table: pd.DataFrame, out_dir: Path, params: dict[str, object]
-) -> None:
-    """Params, one metric per (metric, encoder, layer), and every file the protocol wrote."""
-    logger.params(params)
-    metrics = {
-        _metric_name(r.metric, r.encoder, r.layer): r.value for r in table.itertuples(index=False)
-    }
-    logger.metrics(metrics, step=0)
-    for path in sorted(out_dir.iterdir()):
-        if path.is_file():
-            logger.file(path, "evaluation")
+def config_from(args: argparse.Namespace) -> ProbeRunConfig:
+    encoders = dict(args.encoder)
+    if len(encoders) != len(args.encoder):
+        raise SystemExit(f"--encoder names must be unique, got {[n for n, _ in args.encoder]}")
+    names = {f.name for f in dataclasses.fields(ProbeRunConfig)} - {"encoders"}
+    return ProbeRunConfig(encoders=encoders, **{k: getattr(args, k) for k in names})
 
 
 def main(argv: list[str] | None = None) -> str:
     """Run the job; returns the MLflow run id."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    root = Path(args.output_root).resolve()
-    uri = args.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
-    check_tracking(uri)  # fail before minutes of extraction, not after
-    encoders = dict(args.encoder)
-    if len(encoders) != len(args.encoder):
-        raise SystemExit(f"--encoder names must be unique, got {[n for n, _ in args.encoder]}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = root / "probe" / stamp
-    if args.ray:
-        from jobs.ray_connect import connect_ray
-
-        connect_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
-    settings = settings_from(args)
-    run_id = (
-        client(uri)
-        .create_run(experiment_id(uri, args.experiment), run_name=f"probe-{stamp}")
-        .info.run_id
-    )
-    ok = False
-    try:
-        table = evaluate_encoders(
-            encoders,
-            train_urls=args.train_shards,
-            test_urls=args.test_shards,
-            layers=[s for s in args.layers.split(",") if s] or None,
-            cache_dir=root / "feature_cache",
-            out_dir=out_dir,
-            image_size=args.image_size,
-            settings=settings,
-            tracking_uri=uri,
-            use_ray=args.ray,
-            ray_tasks=args.ray_tasks,
-        )
-        logged = ("train_shards", "test_shards", "layers", "image_size", "max_dim", "c_grid",
-                  "sweep_max_samples", "max_iter", "tol", "ray")  # fmt: skip
-        params = {f"encoder.{n}": u for n, u in encoders.items()}
-        params |= {k: getattr(args, k) for k in logged}
-        log_results(RunLogger(uri, run_id), table, out_dir, params)
-        ok = True
-    finally:
-        end_run(uri, run_id, ok)
-    print(report.format_table(table))
-    print(f"MLflow run {run_id} in {uri}; outputs in {out_dir}")
-    return run_id
+    res = run_probe(config_from(parse_args(argv)))
+    print(res.summary())
+    return res.run_id
 
 
 if __name__ == "__main__":

@@ -110,11 +110,8 @@ def tracked_run(uri: str, run_id: str) -> Iterator[str]:
     end_run(uri, run_id, "FINISHED")
 
 
-def end_run(uri: str, run_id: str, status: bool | str) -> None:
-    """Terminate a run with `status` (FINISHED / FAILED / KILLED; a bool: FINISHED or FAILED).
-    Jobs use `tracked_run` rather than calling this."""
-    if isinstance(status, bool):
-        status = "FINISHED" if status else "FAILED"
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Terminate a run: FINISHED, FAILED or KILLED. Jobs use `tracked_run`, not this."""
     client(uri).set_terminated(run_id, status=status)
 
 
