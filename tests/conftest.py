@@ -11,6 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_DIR = Path(os.environ.get("CE_CIFAR10_DIR", REPO.parent / "shared" / "datasets" / "cifar10"))
 
 
+# What puts a test in the integration tier: a real Ray, the CIFAR-10 shards beside the project,
+# or the slow end-to-end marks. Everything else (tiny tensors, shards a test writes itself, a
+# sqlite MLflow store in tmp) is the fast unit tier: `pytest -m "not integration"`.
+INTEGRATION_FIXTURES = {"ray_local", "cifar_dir", "cifar_train", "cifar_test", "cifar_small"}
+INTEGRATION_MARKS = {"slow", "cifar", "integration"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the integration tier from what each test uses, so no test can forget its tier."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        marks = {m.name for m in item.iter_markers()}
+        if uses & INTEGRATION_FIXTURES or marks & INTEGRATION_MARKS:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     """../shared/datasets/cifar10. Under CI=true a missing folder fails the test, never skips."""

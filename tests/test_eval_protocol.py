@@ -79,6 +79,7 @@ def value(df, encoder, layer, metric) -> float:
     return float(sel["value"].iloc[0])
 
 
+@pytest.mark.integration  # the whole protocol end to end: tens of seconds
 def test_protocol_table_plots_and_cache(shards, encoder_path, tmp_path):
     df = run(shards, encoder_path, tmp_path)
     pairs = set(zip(df.encoder, df.layer, strict=True))
@@ -132,6 +133,7 @@ def test_ray_fan_out_identical_to_one_process(shards, encoder_path, tmp_path, ra
             np.testing.assert_array_equal(many[layer].x, one[layer].x)
 
 
+@pytest.mark.integration  # the whole protocol end to end: tens of seconds
 def test_job_logs_one_mlflow_run(shards, encoder_path, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
