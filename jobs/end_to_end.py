@@ -22,6 +22,11 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.pretrain import PretrainResult
+    from pipeline.search import SearchResult
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -43,13 +48,13 @@ class Splits:
 class Selected:
     """What the selection stage chose (on val) for the scoring stage."""
 
-    pretrained_uri: str
-    tune_best_uri: str
-    tracking_uri: str
-    pretrain_run_id: str
-    checkpoint_path: str | None
-    search_run_id: str
-    best_config_path: Path
+    pretrained: PretrainResult
+    search: SearchResult
+    tune_best_uri: str  # the encoder of the best search trial that finished
+
+    @property
+    def best_config_path(self) -> Path:
+        return self.search.best_config_path
 
 
 def make_digit_shards(out: Path) -> Splits:
@@ -61,51 +66,33 @@ def make_digit_shards(out: Path) -> Splits:
     return Splits(*(str(out / f"digits-{split}-*.tar") for split in ("train", "val", "test")))
 
 
-def pretrain(root: Path, train: str, val: str, steps: int, stamp: str):
-    from pipeline.config import load_config
-    from pipeline.pretrain import run_pretrain
-
-    cfg = load_config(CONFIGS / "digits.yaml", [
-        f"data.train_shards={train}", f"data.val_shards={val}", f"run.output_root={root}",
-        f"train.max_steps={steps}", f"train.checkpoint_every={max(1, steps // 3)}",
-        f"train.sample_every={max(1, steps // 3)}", f"run.run_name=digits-{stamp}",
-    ])  # fmt: skip
-    return run_pretrain(cfg)
-
-
-def search(root: Path, train: str, val: str, steps: int, trials: int, stamp: str):
-    from pipeline.config import apply_overrides
-    from pipeline.search import load_settings, run_search
-
-    settings, base = load_settings(CONFIGS / "tune_digits.yaml", [
-        f"num_samples={trials}", f"name=tune-digits-{stamp}",
-    ])  # fmt: skip
-    base = apply_overrides(base, [
-        f"data.train_shards={train}", f"data.val_shards={val}", f"run.output_root={root}",
-        f"train.max_steps={steps}", f"train.checkpoint_every={max(1, steps // 3)}",
-    ])  # fmt: skip
-    return run_search(settings, base)
+def _budget(root: Path, splits: Splits, steps: int) -> list[str]:
+    """Overrides for train / val shards, output root and steps: never the test shards."""
+    return [f"data.train_shards={splits.train}", f"data.val_shards={splits.val}",
+            f"run.output_root={root}", f"train.max_steps={steps}",
+            f"train.checkpoint_every={max(1, steps // 3)}"]  # fmt: skip
 
 
 def select_encoders(root: Path, splits: Splits, args: argparse.Namespace, stamp: str,
                     t0: float) -> Selected:  # fmt: skip
     """Steps 2-3: pretrain, then search, choosing on the val split. Never reads splits.test."""
+    from pipeline.config import apply_overrides, load_config
+    from pipeline.pretrain import run_pretrain
+    from pipeline.search import load_settings, run_search
     from pipeline.search.trial import best_trial_encoder
 
     _stage(f"2/4 pretraining with Ray Train, 2 workers, {args.steps} steps", t0)
-    pre = pretrain(root, splits.train, splits.val, args.steps, stamp)
+    pre = run_pretrain(load_config(CONFIGS / "digits.yaml", _budget(root, splits, args.steps) + [
+        f"train.sample_every={max(1, args.steps // 3)}", f"run.run_name=digits-{stamp}",
+    ]))  # fmt: skip
     _stage(f"3/4 Ray Tune search, {args.trials} trials of {args.trial_steps} steps", t0)
-    found = search(root, splits.train, splits.val, args.trial_steps, args.trials, stamp)
-    ranked = [str(t) for t in found.table["trial_id"]]  # the table is sorted best first
-    return Selected(
-        pretrained_uri=f"runs:/{pre.mlflow_run_id}/encoder/generator.pt",
-        tune_best_uri=best_trial_encoder(found.tracking_uri, found.parent_run_id, ranked),
-        tracking_uri=pre.tracking_uri,
-        pretrain_run_id=pre.mlflow_run_id,
-        checkpoint_path=pre.checkpoint_path,
-        search_run_id=found.parent_run_id,
-        best_config_path=found.best_config_path,
+    settings, base = load_settings(
+        CONFIGS / "tune_digits.yaml", [f"num_samples={args.trials}", f"name=tune-digits-{stamp}"]
     )
+    found = run_search(settings, apply_overrides(base, _budget(root, splits, args.trial_steps)))
+    ranked = [str(t) for t in found.table["trial_id"]]  # the table is sorted best first
+    best = best_trial_encoder(found.tracking_uri, found.parent_run_id, ranked)
+    return Selected(pre, found, best)
 
 
 def score(root: Path, splits: Splits, chosen: Selected, layers: str, t0: float) -> str:
@@ -116,11 +103,12 @@ def score(root: Path, splits: Splits, chosen: Selected, layers: str, t0: float) 
 
     _stage("4/4 linear probes and kNN on frozen features vs random init and raw pixels", t0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    pretrained = f"runs:/{chosen.pretrained.mlflow_run_id}/encoder/generator.pt"
     res = run_probe(ProbeRunConfig(
-        encoders={"pretrained": chosen.pretrained_uri, "tune_best": chosen.tune_best_uri},
+        encoders={"pretrained": pretrained, "tune_best": chosen.tune_best_uri},
         train_shards=splits.train, test_shards=splits.test, image_size=32,
-        output_root=str(root), tracking_uri=chosen.tracking_uri, experiment="digits-probe",
-        inpaint_images=0, layers=layers,
+        output_root=str(root), tracking_uri=chosen.pretrained.tracking_uri,
+        experiment="digits-probe", inpaint_images=0, layers=layers,
     ))  # fmt: skip
     print(res.summary())
     return res.run_id
@@ -151,10 +139,11 @@ def main(argv: list[str] | None = None) -> str:
     probe_run = score(root, splits, chosen, args.layers, t0)
 
     _stage("done", t0)
-    print(f"pretrain run:  {chosen.pretrain_run_id}  (checkpoint {chosen.checkpoint_path})")
-    print(f"tune search:   {chosen.search_run_id}  (best config {chosen.best_config_path})")
+    pre, found = chosen.pretrained, chosen.search
+    print(f"pretrain run:  {pre.mlflow_run_id}  (checkpoint {pre.checkpoint_path})")
+    print(f"tune search:   {found.parent_run_id}  (best config {found.best_config_path})")
     print("see every run: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "
-          f"{chosen.tracking_uri}")  # fmt: skip
+          f"{pre.tracking_uri}")  # fmt: skip
     return probe_run
 
 
