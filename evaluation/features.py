@@ -79,6 +79,19 @@ def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | N
     return path
 
 
+def _discard_download(path: Path, download_dir: Path) -> None:
+    """Remove the private folder a download landed in (its weights are loaded): one folder per
+    download would otherwise pile up a checkpoint copy per probe run."""
+    import shutil
+
+    try:
+        rel = path.resolve().relative_to(download_dir.resolve())
+    except ValueError:
+        return  # a user's own checkpoint path: never touched
+    if rel.parts and rel.parts[0].startswith("encoder-"):
+        shutil.rmtree(download_dir / rel.parts[0], ignore_errors=True)
+
+
 def load_encoder(
     name: str, uri: str, download_dir: str | Path, tracking_uri: str | None = None
 ) -> Encoder:
@@ -87,6 +100,7 @@ def load_encoder(
 
     path = resolve_checkpoint(uri, download_dir, tracking_uri)
     g, cfg = load_generator(path)
+    _discard_download(path, Path(download_dir))
     g.eval().requires_grad_(False)
     return Encoder(name=name, module=g, config=cfg, weights=weights_hash(g), source=uri)
 

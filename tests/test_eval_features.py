@@ -172,3 +172,20 @@ def test_evaluation_reads_images_at_the_encoders_training_resize(cifar_dir):
         SplitSpec("t", url, 32, resize=64).transform_key()
         != SplitSpec("t", url, 32).transform_key()
     )
+
+
+def test_runs_uri_download_is_loaded_then_removed_and_a_local_path_is_kept(encoder_file, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    path, g = encoder_file
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    run_id = c.create_run(exp).info.run_id
+    c.log_artifact(run_id, str(path), artifact_path="encoder")
+    dl = tmp_path / "dl"
+    for _ in range(2):  # one private folder per download, gone once the weights are loaded
+        enc = load_encoder("ce", f"runs:/{run_id}/encoder", dl, uri)
+        assert enc.weights == weights_hash(g) and list(dl.iterdir()) == []
+    load_encoder("ce", str(path), path.parent)  # a user's own file inside download_dir
+    assert path.is_file()
