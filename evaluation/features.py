@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from evaluation.cache import Features
 from pipeline.config import Config, ModelConfig
+from pipeline.encoder_model import pool, pooled_side  # noqa: F401  (re-exported: one pooling)
 
 
 class RawPixels(nn.Module):
@@ -38,6 +39,11 @@ class Encoder:
     config: Config | None
     weights: str  # sha256 of the state dict (+ kind), the feature-cache key
     source: str  # where it came from, for messages and the MLflow params
+
+    @property
+    def can_inpaint(self) -> bool:
+        """A whole generator (decoder included); an encoder-only MLflow Model is not one."""
+        return self.config is not None and hasattr(self.module, "decoder")
 
 
 def weights_hash(module: nn.Module, salt: str = "") -> str:
@@ -95,7 +101,11 @@ def _discard_download(path: Path, download_dir: Path) -> None:
 def load_encoder(
     name: str, uri: str, download_dir: str | Path, tracking_uri: str | None = None
 ) -> Encoder:
-    """Load a pretrained generator (frozen, eval mode) from a path or `runs:/` URI."""
+    """Load a pretrained encoder (frozen, eval mode): a generator from a checkpoint path or a
+    `runs:/` URI, or the encoder-only MLflow Model behind a `models:/` URI
+    (models:/NAME@alias, models:/NAME/VERSION, models:/m-ID)."""
+    if uri.startswith("models:/"):
+        return _load_mlflow_model(name, uri, tracking_uri)
     from pipeline.checkpoint import load_generator
 
     path = resolve_checkpoint(uri, download_dir, tracking_uri)
@@ -103,6 +113,21 @@ def load_encoder(
     _discard_download(path, Path(download_dir))
     g.eval().requires_grad_(False)
     return Encoder(name=name, module=g, config=cfg, weights=weights_hash(g), source=uri)
+
+
+def _load_mlflow_model(name: str, uri: str, tracking_uri: str | None) -> Encoder:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import from_dict
+    from pipeline.mlflow_encoder import load_encoder_model
+
+    try:
+        enc = load_encoder_model(uri, tracking_uri)
+    except MlflowException as err:
+        msg = f"encoder model {uri!r} not found (tracking URI {tracking_uri}): {err}"
+        raise FileNotFoundError(msg) from err
+    cfg = from_dict(enc.run_config)
+    return Encoder(name, enc, cfg, weights_hash(enc, "frozen_encoder"), uri)
 
 
 def random_init_encoder(config: Config, seed: int = 0, name: str = "random_init") -> Encoder:
@@ -141,24 +166,6 @@ def check_image_size(encoder: Encoder, image_size: int) -> None:
             f"encoder {encoder.name!r} ({encoder.source}) expects image_size "
             f"{encoder.config.model.image_size}, but the evaluation uses {image_size}"
         )
-
-
-def pooled_side(channels: int, side: int, max_dim: int) -> int:
-    """The largest p <= side with channels * p * p <= max_dim (at least 1)."""
-    p = side
-    while p > 1 and channels * p * p > max_dim:
-        p -= 1
-    return p
-
-
-def pool(t: Tensor, max_dim: int) -> Tensor:
-    """(B,C,h,w) -> (B, C*p*p) float32: adaptive average pooling to p x p, as VISSL's
-    fixed-size pooling, so every layer's feature has at most max_dim dimensions (unless C alone
-    exceeds it)."""
-    if t.ndim == 2:
-        return t.float()
-    p = pooled_side(t.shape[1], min(t.shape[2], t.shape[3]), max_dim)
-    return nn.functional.adaptive_avg_pool2d(t.float(), p).flatten(1)
 
 
 def _finish(keys: list[str], labels: list[np.ndarray], parts: list[np.ndarray]) -> Features:

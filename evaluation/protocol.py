@@ -185,7 +185,7 @@ def evaluate_encoders(
             rows += report.rows_for(enc.name, layer, metrics)
             predictions[enc.name, layer] = (feats["test"][layer].labels, pred)
             log.info("%s/%s: %s", enc.name, layer, metrics)
-        if enc.config is not None:
+        if enc.can_inpaint:  # an encoder-only MLflow Model has no decoder
             metrics, fills[enc.config.mask.kind] = _inpaint(
                 enc, test_urls, image_size, settings, out_dir
             )

@@ -1,6 +1,7 @@
 """The whole pipeline on one machine, on the embedded default (scikit-learn's digits):
 
-    python -m jobs.end_to_end [--output-root outputs/e2e] [--steps 300] [--trials 4]
+    ce-end-to-end [--output-root outputs/e2e] [--steps 300] [--trials 4]
+    (or: python -m jobs.end_to_end ...)
 
 1. writes WebDataset shards from the digits (train / val / test),
 2. pretrains a context encoder with Ray Train (2 DDP workers), tracked in MLflow,
@@ -24,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs._cli import Work, prog_name, run_cli, run_main
+
 if TYPE_CHECKING:
     from pipeline.pretrain import PretrainResult
     from pipeline.search import SearchResult
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+PROG = ("ce-end-to-end", "jobs.end_to_end")
 
 
 def _stage(msg: str, t0: float) -> None:
@@ -115,7 +119,8 @@ def score(root: Path, splits: Splits, chosen: Selected, layers: str, t0: float) 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog_name(*PROG), description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     p.add_argument("--output-root", default="outputs/e2e")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--trials", type=int, default=4, help="Tune trials")
@@ -124,9 +129,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Runs the pipeline; returns the probe's MLflow run id."""
+def prepare(argv: list[str] | None = None) -> Work:
+    """Parse and check the flags; returns the pipeline to run."""
     args = parse_args(argv)
+    small = [f"--{k.replace('_', '-')}" for k in ("steps", "trials", "trial_steps")
+             if getattr(args, k) < 1]  # fmt: skip
+    if small:
+        raise ValueError(f"{', '.join(small)} must be >= 1")
+    return lambda: run_all(args)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Runs the pipeline, every exception raised; returns the probe's MLflow run id."""
+    return run_main(prepare, argv)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The `ce-end-to-end` console script: exit 2 with one line on a usage error."""
+    run_cli(prog_name(*PROG), prepare, argv)
+
+
+def run_all(args: argparse.Namespace) -> str:
+    """The four stages; returns the probe's MLflow run id."""
     from pipeline.runtime import connect_ray
 
     t0 = time.perf_counter()
@@ -148,4 +172,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

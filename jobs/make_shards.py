@@ -1,4 +1,5 @@
-"""Write WebDataset shards: `python -m jobs.make_shards --src digits --out outputs/shards/digits`.
+"""Write WebDataset shards: `ce-make-shards --src digits --out outputs/shards/digits` (or
+`python -m jobs.make_shards ...`).
 
 --src is `digits` (scikit-learn's bundled digits, the embedded default; split 70/10/20 into
 train/val/test shards unless --split-val / --split-test say otherwise) or a folder laid out
@@ -13,11 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.data.writer import SourceError, digits_source, folder_source, write_shards
+from jobs._cli import Work, prog_name, run_cli, run_main
+from pipeline.data.writer import digits_source, folder_source, write_shards
+
+PROG = ("ce-make-shards", "jobs.make_shards")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.make_shards", description=__doc__)
+    p = argparse.ArgumentParser(prog=prog_name(*PROG), description=__doc__)
     p.add_argument("--src", required=True, help="'digits' or an image folder ROOT/<class>/<img>")
     p.add_argument("--out", required=True, type=Path, help="folder for the shards + manifest")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -41,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def prepare(argv: list[str] | None = None) -> Work:
+    """Parse the flags and list the source (a missing or empty folder fails here); returns the
+    shard writing to run."""
     args = parse_args(argv)
     if args.src == "digits":
         source, default_split, default_prefix = digits_source(args.digits_size), 0.2, "digits"
@@ -50,27 +56,43 @@ def main(argv: list[str] | None = None) -> dict:
         source, default_split, default_prefix = folder_source(root), 0.0, root.resolve().name
     split = args.split_test if args.split_test is not None else default_split
     val = args.split_val if args.split_val is not None else (0.1 if args.src == "digits" else 0.0)
-    manifest = write_shards(
-        source,
-        args.out,
-        prefix=args.prefix or default_prefix,
-        shard_size=args.shard_size,
-        seed=args.seed,
-        test_fraction=split,
-        val_fraction=val,
-        overwrite=args.overwrite,
-        progress=sys.stderr.isatty(),
-    )
-    print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}")
+
+    def work() -> dict:
+        manifest = write_shards(
+            source,
+            args.out,
+            prefix=args.prefix or default_prefix,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            test_fraction=split,
+            val_fraction=val,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+        )
+        report(manifest, args.out)
+        return manifest
+
+    return work
+
+
+def report(manifest: dict, out: Path) -> None:
+    print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {out}")
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")
     for name, info in manifest["splits"].items():
         print(f"{name}: {info['total']} samples  {info['pattern']}")
-    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Write the shards, every exception raised; returns the manifest."""
+    return run_main(prepare, argv)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The `ce-make-shards` console script: exit 2 with one line on a usage error (a missing
+    source folder, no images, shards already in --out without --overwrite)."""
+    run_cli(prog_name(*PROG), prepare, argv, user_errors=(FileExistsError,))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SourceError, FileExistsError) as e:
-        sys.exit(f"make_shards: error: {e}")
+    cli()

@@ -105,6 +105,9 @@ class RunConfig:
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker deaths tolerated; the run restarts from its last checkpoint
     num_to_keep: int = 2  # checkpoints kept in storage
+    # The final encoder is always logged as an MLflow Model (`encoder_model`); a name here also
+    # registers it as a new version of that registered model. "" = not registered.
+    register_model: str = ""
 
 
 @dataclass(frozen=True)

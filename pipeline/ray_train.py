@@ -21,6 +21,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_encoder
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
+from pipeline.mlflow_encoder import log_encoder_model
 from pipeline.passes import eval_mode, take_batches
 from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
@@ -116,6 +117,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             path = Path(d) / Path(ENCODER_ARTIFACT).name
             save_encoder(path, trainer.g, cfg)
             logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
+        # The same weights as a loadable MLflow Model (encoder only; generator.pt inpaints).
+        log_encoder_model(trainer.g.state_dict(), cfg, loop_config["tracking_uri"],
+                          loop_config["mlflow_run_id"], cfg.run.register_model)  # fmt: skip
 
 
 def _steps_per_rank(step: int, world: int) -> list[int]:
