@@ -25,7 +25,10 @@ def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, roo
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{settings.name}-{trial_id}"
-    cfg = trial_config(base, params, output_root=str(Path(root) / "trials"), run_name=run_name)
+    # Trials never register their encoder: a search would add one model version per trial.
+    cfg = trial_config(
+        base, params, output_root=str(Path(root) / "trials"), run_name=run_name, register_model=""
+    )
     tags = {"mlflow.parentRunId": parent_run_id, "ce.trial_id": trial_id}
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, run_name, tags=tags)
     if not resumed:
