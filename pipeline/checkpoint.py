@@ -38,6 +38,7 @@ from pipeline.retry import Retrier, RetryPolicy
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "checkpoint_manifest.json"
+CHECKPOINT_FILE = "checkpoint.pt"  # the training state inside a checkpoint folder
 CHECKPOINT_DIR_PREFIX = "checkpoint_"  # Ray Train's default checkpoint folder names
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 # Test-only fault injection: "<step>:<marker file>" makes the upload of the checkpoint at that
@@ -294,6 +295,10 @@ def choose_checkpoint(
         )
         log.warning("resuming from %s at step %d: %s", storage_uri(fs, p), step, why)
         return ChosenCheckpoint(p, local, step, why)
+    if offered and _remote_step(fs, offered) is None:
+        legacy = _legacy_offered(fs, offered, workdir)
+        if legacy is not None:
+            return legacy
     if offered:
         raise RuntimeError(
             f"no complete checkpoint in {storage_uri(fs, run_path)} although Ray Train offered "
@@ -301,6 +306,24 @@ def choose_checkpoint(
             "run.run_name) or repair the run folder."
         )
     return None
+
+
+def _legacy_offered(fs: pafs.FileSystem, path: str, workdir: str | Path) -> ChosenCheckpoint | None:
+    """A checkpoint Ray registered before folders carried manifests: Ray registers a folder
+    only after its upload returned, so it is complete if its file loads."""
+    local = Path(workdir) / f"legacy-{Path(path).name}"
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        step = int(load_checkpoint(local / CHECKPOINT_FILE)["step"])
+    except Exception as e:  # any failure to load means: not usable
+        log.warning("not resuming from %s: %s", storage_uri(fs, path), e)
+        return None
+    why = "the checkpoint Ray Train registered (no manifest: written before manifests existed)"
+    log.warning("resuming from %s at step %d: %s", storage_uri(fs, path), step, why)
+    return ChosenCheckpoint(path, local, step, why)
 
 
 def set_aside_unreadable_snapshot(fs: pafs.FileSystem, run_path: str) -> str | None:

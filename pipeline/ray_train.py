@@ -19,6 +19,7 @@ import ray.train.torch
 import torch
 
 from pipeline.checkpoint import (
+    CHECKPOINT_FILE,
     choose_checkpoint,
     fetch_complete,
     load_checkpoint,
@@ -36,7 +37,6 @@ from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 ENCODER_ARTIFACT = "encoder/generator.pt"  # evaluation loads runs:/<run_id>/encoder/generator.pt
 
 

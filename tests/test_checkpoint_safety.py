@@ -80,10 +80,22 @@ def test_a_damaged_offered_checkpoint_falls_back_to_the_previous(run, tmp_path) 
 
 def test_no_complete_checkpoint_fails_naming_the_run_when_ray_offered_one(tmp_path) -> None:
     run = tmp_path / "run"
-    (stored_checkpoint(run, "checkpoint_a", 10) / MANIFEST_FILE).unlink()
+    folder = stored_checkpoint(run, "checkpoint_a", 10)
+    (folder / MANIFEST_FILE).unlink()
+    cut = folder / "checkpoint.pt"
+    cut.write_bytes(cut.read_bytes()[:-100])
     assert choose_checkpoint(LOCAL, str(run), None, tmp_path / "w1") is None  # a fresh start
     with pytest.raises(RuntimeError, match=f"no complete checkpoint in {run}"):
-        choose_checkpoint(LOCAL, str(run), str(run / "checkpoint_a"), tmp_path / "w2")
+        choose_checkpoint(LOCAL, str(run), str(folder), tmp_path / "w2")
+
+
+def test_a_registered_checkpoint_from_before_manifests_still_resumes(tmp_path) -> None:
+    run = tmp_path / "run"
+    folder = stored_checkpoint(run, "checkpoint_a", 10)
+    (folder / MANIFEST_FILE).unlink()
+    assert choose_checkpoint(LOCAL, str(run), None, tmp_path / "w1") is None  # not Ray's: cut
+    chosen = choose_checkpoint(LOCAL, str(run), str(folder), tmp_path / "w2")
+    assert chosen is not None and chosen.step == 10 and "before manifests" in chosen.why
 
 
 def test_check_complete_names_what_is_wrong(run) -> None:
