@@ -220,3 +220,67 @@ def test_worker_killed_during_checkpoint_write_resumes_from_a_complete_one(
     final = check_complete(result.checkpoint.path)
     assert final["step"] == 30
     assert load_checkpoint(Path(result.checkpoint.path) / "checkpoint.pt")["step"] == 30
+
+
+# ---- the same on S3 (a real moto_server on loopback) -----------------------------------------
+
+
+@pytest.fixture()
+def s3(tmp_path: Path):
+    """A moto S3 server on a free loopback port and a pyarrow S3FileSystem with a bucket."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("moto_server")
+    assert exe, "moto_server not installed (pip install 'moto[server]', the dev extra)"
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+    deadline = time.time() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket="ckpt")
+            break
+        except Exception:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+    fs = pafs.S3FileSystem(
+        access_key="test", secret_key="test", endpoint_override=endpoint, scheme="http",
+        region="us-east-1", allow_bucket_creation=True,
+    )  # fmt: skip
+    yield fs, client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_upload_and_choice_on_s3(s3, tmp_path: Path) -> None:
+    fs, client = s3
+    policy = RetryPolicy(retries=1, backoff_s=0.01)
+    for name, step in [("checkpoint_a", 10), ("checkpoint_b", 20)]:
+        src = stored_checkpoint(tmp_path / "local", name, step)
+        upload_checkpoint_dir(src, fs, f"ckpt/run/{name}", policy, step=step)
+    # An upload cut off before its manifest (half the file there): the newest step, incomplete.
+    client.delete_object(Bucket="ckpt", Key=f"run/checkpoint_b/{MANIFEST_FILE}")
+    key = "run/checkpoint_b/checkpoint.pt"
+    body = client.get_object(Bucket="ckpt", Key=key)["Body"].read()
+    client.put_object(Bucket="ckpt", Key=key, Body=body[: len(body) // 2])
+    chosen = choose_checkpoint(fs, "ckpt/run", None, tmp_path / "work")
+    assert chosen is not None and chosen.step == 10 and chosen.path == "ckpt/run/checkpoint_a"
+    assert load_checkpoint(chosen.local / "checkpoint.pt")["step"] == 10
+    with pytest.raises(RuntimeError, match="no complete checkpoint in s3://ckpt/other"):
+        choose_checkpoint(fs, "ckpt/other", "ckpt/run/checkpoint_b", tmp_path / "w2")
