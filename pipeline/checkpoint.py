@@ -1,22 +1,52 @@
-"""Checkpoint files: written atomically, read with `torch.load(weights_only=True)`.
+"""Checkpoint files: written atomically, read with `torch.load(weights_only=True)`; checkpoint
+folders in run storage: uploaded with their proof of completeness last, and chosen at resume.
 
 A training checkpoint is `Trainer.state_dict()`: {"generator", "discriminator", "opt_g",
 "opt_d", "step", "epoch", "batch_in_epoch", "config", "rng"}. An encoder file (for evaluation)
 is {"config", "generator"}. Both hold only tensors, numbers, strings, lists and dicts, so the
 safe unpickler loads them; configs are stored as `pipeline.config.to_dict` dicts.
+
+Checkpoint folders (what Ray Train keeps under <storage>/<run>/checkpoint_<time>/) hold the
+checkpoint file and `checkpoint_manifest.json` ({"step", "files": {name: {"bytes", "sha256"}}}),
+which the upload writes after every other file: a folder whose manifest is missing, or whose
+files do not match it, was cut off mid-upload (or damaged since) and is never resumed from.
+`choose_checkpoint` picks the newest complete folder of a run. Storage is a pyarrow filesystem
+(local, s3://, gs://): no Ray here; pipeline.ray_train passes Ray's storage in. See
+docs/reliability-checkpoints.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import signal
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.model import Generator, build_generator
+from pipeline.retry import Retrier, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "checkpoint_manifest.json"
+CHECKPOINT_FILE = "checkpoint.pt"  # the training state inside a checkpoint folder
+CHECKPOINT_DIR_PREFIX = "checkpoint_"  # Ray Train's default checkpoint folder names
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
+# Test-only fault injection: "<step>:<marker file>" makes the upload of the checkpoint at that
+# step kill its own process (SIGKILL) after writing half the checkpoint file, once (the marker
+# file records that it happened, so the restarted run gets past that step).
+KILL_ENV = "CE_TEST_KILL_DURING_CHECKPOINT"
+_COPY_CHUNK = 8 << 20
+_URI_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -66,3 +96,253 @@ def load_generator(path: str | Path) -> tuple[Generator, Config]:
             f"({cfg.model}): {err}"
         ) from err
     return g.eval(), cfg
+
+
+# ---- completeness ----------------------------------------------------------------------------
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint folder lacks its manifest or its files do not match it."""
+
+
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint could not be written to run storage, even after retries."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, step: int) -> dict[str, Any]:
+    """Write `folder/checkpoint_manifest.json` (size and sha256 of every other file in it)."""
+    folder = Path(folder)
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
+    }
+    manifest = {"step": int(step), "files": files}
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / MANIFEST_FILE)
+    return manifest
+
+
+def check_complete(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a local checkpoint folder whose files all match it; raises
+    IncompleteCheckpointError saying what is missing or wrong."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files, step = manifest["files"], int(manifest["step"])
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{folder}: no {MANIFEST_FILE} (upload cut off)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise IncompleteCheckpointError(f"{folder}: unreadable {MANIFEST_FILE}: {e}") from e
+    if not files:
+        raise IncompleteCheckpointError(f"{folder}: {MANIFEST_FILE} lists no files")
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise IncompleteCheckpointError(f"{folder}: {name} is missing")
+        if p.stat().st_size != want["bytes"]:
+            raise IncompleteCheckpointError(
+                f"{folder}: {name} is {p.stat().st_size} bytes, its manifest says {want['bytes']}"
+            )
+        if _sha256(p) != want["sha256"]:
+            raise IncompleteCheckpointError(f"{folder}: {name} does not match its sha256")
+    manifest["step"] = step
+    return manifest
+
+
+# ---- storage: upload, list, choose -----------------------------------------------------------
+
+
+def storage_uri(fs: pafs.FileSystem, path: str) -> str:
+    """`path` on `fs` as a user would write it (s3://bucket/key, gs://..., or a local path)."""
+    scheme = _URI_SCHEMES.get(fs.type_name)
+    return f"{scheme}://{path}" if scheme else path
+
+
+def upload_checkpoint_dir(
+    local: str | Path, fs: pafs.FileSystem, dest: str, policy: RetryPolicy, step: int = -1
+) -> None:
+    """Copy a local checkpoint folder to `dest` on `fs`, its manifest last, retrying the whole
+    copy on transient errors per `policy`; raises CheckpointUploadError naming `dest`."""
+    local = Path(local)
+    names = sorted(p.name for p in local.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    if not (local / MANIFEST_FILE).is_file():
+        raise CheckpointUploadError(f"{local}: no {MANIFEST_FILE}; write_manifest first")
+    uri = storage_uri(fs, dest)
+
+    def copy_all() -> None:
+        fs.create_dir(dest, recursive=True)
+        for name in names:
+            _copy_file(local / name, fs, f"{dest}/{name}", step)
+        _copy_file(local / MANIFEST_FILE, fs, f"{dest}/{MANIFEST_FILE}", step)  # the proof, last
+
+    try:
+        Retrier(policy, f"checkpoint upload to {uri}").call(copy_all)
+    except Exception as err:
+        raise CheckpointUploadError(
+            f"could not write checkpoint to {uri} ({type(err).__name__}); check the run "
+            "storage (run.output_root / storage path) is reachable and writable"
+        ) from err
+
+
+def _copy_file(src: Path, fs: pafs.FileSystem, dst: str, step: int) -> None:
+    kill_at = _test_kill_point(step, src)
+    with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+        if kill_at is not None:
+            out.write(f.read(kill_at))
+            out.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: die with half the file written
+        while chunk := f.read(_COPY_CHUNK):
+            out.write(chunk)
+
+
+def _test_kill_point(step: int, src: Path) -> int | None:
+    """The byte to die at when CE_TEST_KILL_DURING_CHECKPOINT targets this step (tests only)."""
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec or src.name == MANIFEST_FILE:
+        return None
+    at_step, _, marker = spec.partition(":")
+    if int(at_step) != step or not marker or os.path.exists(marker):
+        return None
+    Path(marker).write_text(f"killed uploading {src.name} at step {step}\n")
+    return src.stat().st_size // 2
+
+
+def checkpoint_dirs(fs: pafs.FileSystem, run_path: str) -> list[str]:
+    """Paths of the run's checkpoint folders (complete or not), in name order."""
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_DIR_PREFIX)
+    )
+
+
+def _remote_step(fs: pafs.FileSystem, path: str) -> int | None:
+    """The step in a stored folder's manifest, or None when it has none (cut off) or it is
+    unreadable. Cheap: the full check happens after download."""
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
+            return int(json.loads(f.read())["step"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    except OSError as e:  # pyarrow reports a missing file on some stores as a plain OSError
+        log.warning("checkpoint %s: cannot read its manifest: %s", storage_uri(fs, path), e)
+        return None
+
+
+def fetch_complete(fs: pafs.FileSystem, path: str, workdir: str | Path) -> Path:
+    """Download a stored checkpoint folder into `workdir` and check it; returns the local
+    folder. Raises IncompleteCheckpointError when it does not match its manifest."""
+    local = Path(workdir) / Path(path).name
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(
+        path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
+    check_complete(local)
+    return local
+
+
+@dataclass(frozen=True)
+class ChosenCheckpoint:
+    path: str  # on the run's storage filesystem
+    local: Path  # downloaded and checked copy
+    step: int
+    why: str
+
+
+def choose_checkpoint(
+    fs: pafs.FileSystem, run_path: str, offered: str | None, workdir: str | Path
+) -> ChosenCheckpoint | None:
+    """The newest complete checkpoint of the run at `run_path`, downloaded into `workdir`.
+
+    Candidates: every checkpoint folder in the run's storage plus `offered` (the one Ray Train
+    hands the worker), newest step first, Ray's offer first among equals. A folder without a
+    manifest, or whose files do not match it, is skipped with a warning. None when the run has
+    no checkpoint at all; RuntimeError naming the run when Ray offered one but none is complete
+    (starting from scratch would silently throw the run's progress away)."""
+    paths = set(checkpoint_dirs(fs, run_path)) | ({offered} if offered else set())
+    ranked, skipped = [], []
+    for p in paths:
+        step = _remote_step(fs, p)
+        if step is None:
+            skipped.append(f"{storage_uri(fs, p)}: no readable {MANIFEST_FILE} (upload cut off)")
+        else:
+            ranked.append((step, p == offered, p))
+    for note in skipped:
+        log.warning("not resuming from %s", note)
+    for step, is_offered, p in sorted(ranked, reverse=True):
+        try:
+            local = fetch_complete(fs, p, workdir)
+        except (IncompleteCheckpointError, OSError) as e:
+            log.warning("not resuming from %s: %s", storage_uri(fs, p), e)
+            skipped.append(str(e))
+            continue
+        why = (
+            "the latest checkpoint Ray Train registered"
+            if is_offered
+            else "the newest complete checkpoint in storage"
+            + (f" (Ray offered {storage_uri(fs, offered)})" if offered else "")
+        )
+        log.warning("resuming from %s at step %d: %s", storage_uri(fs, p), step, why)
+        return ChosenCheckpoint(p, local, step, why)
+    if offered and _remote_step(fs, offered) is None:
+        legacy = _legacy_offered(fs, offered, workdir)
+        if legacy is not None:
+            return legacy
+    if offered:
+        raise RuntimeError(
+            f"no complete checkpoint in {storage_uri(fs, run_path)} although Ray Train offered "
+            f"{storage_uri(fs, offered)}: {'; '.join(skipped)}. Start a new run (a new "
+            "run.run_name) or repair the run folder."
+        )
+    return None
+
+
+def _legacy_offered(fs: pafs.FileSystem, path: str, workdir: str | Path) -> ChosenCheckpoint | None:
+    """A checkpoint Ray registered before folders carried manifests: Ray registers a folder
+    only after its upload returned, so it is complete if its file loads."""
+    local = Path(workdir) / f"legacy-{Path(path).name}"
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        step = int(load_checkpoint(local / CHECKPOINT_FILE)["step"])
+    except Exception as e:  # any failure to load means: not usable
+        log.warning("not resuming from %s: %s", storage_uri(fs, path), e)
+        return None
+    why = "the checkpoint Ray Train registered (no manifest: written before manifests existed)"
+    log.warning("resuming from %s at step %d: %s", storage_uri(fs, path), step, why)
+    return ChosenCheckpoint(path, local, step, why)
+
+
+def set_aside_unreadable_snapshot(fs: pafs.FileSystem, run_path: str) -> str | None:
+    """A driver killed while Ray Train rewrote the run's checkpoint list leaves it truncated,
+    and Ray then refuses to start the run. Move such a file aside (returns where to), so the
+    run starts without Ray's list and resumes from the newest complete folder instead."""
+    path = f"{run_path}/{RAY_SNAPSHOT_FILE}"
+    try:
+        with fs.open_input_stream(path) as f:
+            json.loads(f.read())
+        return None
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.move(path, aside)
+        log.warning(
+            "Ray Train's checkpoint list %s was unreadable (%s), moved to %s; the run will "
+            "resume from the newest complete checkpoint folder",
+            storage_uri(fs, path), e, storage_uri(fs, aside),
+        )  # fmt: skip
+        return aside

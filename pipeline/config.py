@@ -40,6 +40,11 @@ class DataConfig:
     resampled: bool = False  # endless stream (shards drawn with replacement) vs exact epochs
     steps_per_epoch: int = 0  # required when resampled; 0 in epoch mode = derived from counts
     flip: bool = True  # random horizontal flip p = 0.5 on training crops
+    # A shard read that fails with a transient error (dropped connection, timeout, HTTP 503) is
+    # re-opened at the byte reached, up to read_retries times per shard with backoff
+    # retry_backoff_s, 2x, 4x, ...; then the shard's remaining samples are counted as skipped.
+    read_retries: int = 3
+    retry_backoff_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ class RunConfig:
     # The final encoder is always logged as an MLflow Model (`encoder_model`); a name here also
     # registers it as a new version of that registered model. "" = not registered.
     register_model: str = ""
+    # A checkpoint upload that fails with a transient error is retried this many times (backoff
+    # upload_backoff_s, 2x, ...); then the run fails with an error naming the storage path.
+    upload_retries: int = 3
+    upload_backoff_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,10 @@ def validate(cfg: Config) -> Config:
         ),
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (0 <= cfg.data.read_retries <= 10, "data.read_retries must be in 0..10"),
+        (cfg.data.retry_backoff_s >= 0, "data.retry_backoff_s must be >= 0"),
+        (0 <= cfg.run.upload_retries <= 10, "run.upload_retries must be in 0..10"),
+        (cfg.run.upload_backoff_s >= 0, "run.upload_backoff_s must be >= 0"),
         (
             not cfg.data.resampled or cfg.data.steps_per_epoch > 0,
             "data.steps_per_epoch must be > 0 when data.resampled is true",

@@ -18,16 +18,26 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_encoder
+from pipeline.checkpoint import (
+    CHECKPOINT_FILE,
+    choose_checkpoint,
+    fetch_complete,
+    load_checkpoint,
+    save_checkpoint,
+    save_encoder,
+    set_aside_unreadable_snapshot,
+    upload_checkpoint_dir,
+    write_manifest,
+)
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.mlflow_encoder import log_encoder_model
 from pipeline.passes import eval_mode, take_batches
+from pipeline.retry import RetryPolicy
 from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 ENCODER_ARTIFACT = "encoder/generator.pt"  # evaluation loads runs:/<run_id>/encoder/generator.pt
 
 
@@ -52,6 +62,7 @@ def build_trainer(
     the reported metrics (Tune uses it for a cheap probe score).
     """
     resources = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    _set_aside_unreadable_snapshot(storage_path(cfg.run.output_root), run_name)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -84,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     wrap = _ddp if world > 1 else None
     trainer = Trainer(cfg, ray.train.torch.get_device(), wrap=wrap)
-    resumed_from = _restore(trainer)
+    resumed_from = _restore(trainer, rank)
 
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -106,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def on_checkpoint(t: Trainer) -> None:
         scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
-        _report(t, rank, scores)
+        _report(t, rank, scores, _upload_policy(cfg))
 
     fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
     steps = _steps_per_rank(trainer.step, world)
@@ -141,15 +152,60 @@ def _ddp(module: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def _restore(trainer: Trainer) -> int | None:
-    """Load the latest reported checkpoint of this run (after a worker failure, or a rerun with
-    the same run name). Returns the step it continues from, or None on a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        trainer.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+def _restore(trainer: Trainer, rank: int) -> int | None:
+    """Load the newest complete checkpoint of this run (after a worker failure, or a rerun with
+    the same run name). Returns the step it continues from, or None on a fresh start.
+
+    Ray offers the latest checkpoint it registered; rank 0 also looks at every checkpoint folder
+    in the run's storage, skips incomplete ones (pipeline.checkpoint.choose_checkpoint) and tells
+    the other ranks which one it chose, so all ranks load the same step."""
+    offered = ray.train.get_checkpoint()
+    storage = _storage()
+    with tempfile.TemporaryDirectory() as work:
+        if storage is None:  # local mode (run.num_workers=0): no run storage, only Ray's offer
+            if offered is None:
+                return None
+            with offered.as_directory() as d:
+                trainer.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+            return trainer.step
+        fs = storage.storage_filesystem
+        chosen = None
+        if rank == 0:
+            offer = offered.path if offered is not None else None
+            chosen = choose_checkpoint(fs, storage.experiment_fs_path, offer, work)
+        path = _from_rank0(chosen.path if chosen else None)
+        if path is None:
+            return None
+        local = chosen.local if chosen else fetch_complete(fs, path, work)
+        trainer.load_state_dict(load_checkpoint(local / CHECKPOINT_FILE))
     return trainer.step
+
+
+def _from_rank0(value: str | None) -> str | None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _storage():
+    """Ray Train's StorageContext (filesystem + run folder), or None in local mode."""
+    try:
+        return ray.train.get_context().get_storage()
+    except NotImplementedError:
+        return None
+
+
+def _set_aside_unreadable_snapshot(storage: str, run_name: str) -> None:
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    set_aside_unreadable_snapshot(fs, f"{root.rstrip('/')}/{run_name}")
+
+
+def _upload_policy(cfg: Config) -> RetryPolicy:
+    return RetryPolicy(retries=cfg.run.upload_retries, backoff_s=cfg.run.upload_backoff_s)
 
 
 def _held_out_batches(cfg: Config) -> list[dict]:
@@ -190,16 +246,36 @@ def _sample_grid(t: Trainer, batch: dict):
     return inpainting_grid(batch["input"], filled.cpu(), batch["image"], scale=scale)
 
 
-def _report(t: Trainer, rank: int, scores: dict[str, float]) -> None:
+def _report(t: Trainer, rank: int, scores: dict[str, float], upload: RetryPolicy) -> None:
     """ray.train.report is a barrier: every rank calls it once per checkpoint; only rank 0
-    hands over a checkpoint (the DDP replicas are identical)."""
+    hands over a checkpoint (the DDP replicas are identical). The folder carries a manifest,
+    and we upload it ourselves (manifest last, transient errors retried) rather than let Ray
+    copy the folder in no particular order."""
     metrics = {"step": t.step, "epoch": t.epoch, "time": time.time(), **scores}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(Path(d) / CHECKPOINT_FILE, t.state_dict())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        write_manifest(d, step=t.step)
+        upload_fn = _uploader(t.step, upload) if _storage() is not None else None
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_upload_fn=upload_fn,
+        )
+
+
+def _uploader(step: int, policy: RetryPolicy):
+    """Ray's checkpoint_upload_fn: copy into the run folder Ray chose, return where it is."""
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        storage = ray.train.get_context().get_storage()
+        dest = storage.build_checkpoint_path_from_name(dir_name)
+        upload_checkpoint_dir(checkpoint.path, storage.storage_filesystem, dest, policy, step)
+        return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+    return upload
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

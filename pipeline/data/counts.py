@@ -11,19 +11,20 @@ from pipeline.data.manifest import manifest_entry
 from pipeline.data.open import open_url
 from pipeline.data.tar import count_tar_samples
 from pipeline.data.urls import is_local, local_path
+from pipeline.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 _SCAN_CACHE: dict[tuple[str, int, int], int] = {}
 
 
-def _scan_count(url: str) -> int:
+def _scan_count(url: str, retry: RetryPolicy | None) -> int:
     stat = os.stat(local_path(url)) if is_local(url) else None
     cache_key = (url, stat.st_size, stat.st_mtime_ns) if stat else None
     if cache_key in _SCAN_CACHE:
         return _SCAN_CACHE[cache_key]
     try:
-        stream = open_url(url)
+        stream = open_url(url, retry)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"shard not found: {url}") from e
     with stream:
@@ -35,7 +36,7 @@ def _scan_count(url: str) -> int:
     return n
 
 
-def shard_sample_counts(urls: list[str]) -> list[int]:
+def shard_sample_counts(urls: list[str], retry: RetryPolicy | None = None) -> list[int]:
     """Per-shard sample counts: from manifest.json beside the shards when present (make_shards
     writes it), else by scanning the tar headers (local) — note CIFAR-10's shared shards have no
     manifest.
@@ -48,7 +49,7 @@ def shard_sample_counts(urls: list[str]) -> list[int]:
     for url in urls:
         entry = manifest_entry(url, cache)
         if entry is None:
-            counts.append(_scan_count(url))
+            counts.append(_scan_count(url, retry))
             continue
         if is_local(url) and "bytes" in entry:
             size = os.path.getsize(local_path(url))

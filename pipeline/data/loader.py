@@ -39,6 +39,7 @@ from pipeline.data.plan import epoch_shard_order, plan_rank_batches, worker_batc
 from pipeline.data.samples import Raw, SampleSpec, collate, decode_many
 from pipeline.data.tar import TarReadError, iter_tar_samples
 from pipeline.data.urls import expand_urls
+from pipeline.retry import RetryPolicy
 
 __all__ = ["Loader", "build_loader"]
 
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 def _worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _read_retry(data: DataConfig) -> RetryPolicy:
+    return RetryPolicy(retries=data.read_retries, backoff_s=data.retry_backoff_s)
 
 
 def _my_batches(n_batches: int, start_batch: int) -> list[int]:
@@ -81,7 +86,7 @@ class _EpochStream(IterableDataset):
             local = set((needed[shard_of == s] - self.offsets[s]).tolist())
             url, base = self.urls[s], int(self.offsets[s])
             try:
-                with open_url(url) as f:
+                with open_url(url, _read_retry(self.spec.data)) as f:
                     for i, key, sample in iter_tar_samples(f, local.__contains__):
                         yield base + i, (key, url, sample)
                         local.discard(i)
@@ -143,7 +148,7 @@ class _ResampledStream(IterableDataset):
             url = self.urls[int(rng.integers(len(self.urls)))]
             n = 0
             try:
-                with open_url(url) as f:
+                with open_url(url, _read_retry(self.spec.data)) as f:
                     for _, key, sample in iter_tar_samples(f, lambda _: True):
                         n += 1
                         yield key, url, sample
@@ -262,7 +267,7 @@ def build_loader(
             raise ValueError("data.steps_per_epoch must be > 0 when data.resampled is true")
         dataset: IterableDataset = _ResampledStream(spec, shard_urls, steps, rank, start_batch)
     else:
-        counts = shard_sample_counts(shard_urls)
+        counts = shard_sample_counts(shard_urls, _read_retry(data))
         order = epoch_shard_order(len(shard_urls), shuffle=train, seed=seed, epoch=epoch)
         shard_urls, counts = [shard_urls[i] for i in order], [counts[i] for i in order]
         batches = plan_rank_batches(
