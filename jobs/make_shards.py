@@ -4,12 +4,16 @@
 train/val/test shards unless --split-val / --split-test say otherwise) or a folder laid out
 ROOT/<class>/<image>. The val split is what every choice is made on (checkpoints, searches, the
 probe's C); the test split is read only to score.
+--out is a folder or an fsspec URL (s3://bucket/shards, gs://..., with s3fs / gcsfs installed).
+--workers N writes whole shards in N processes; the output is byte-identical for every N
+(docs/make_shards.md).
 Prints the brace pattern(s) to give the loader (data.train_shards / data.val_shards).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +23,9 @@ from pipeline.data.writer import SourceError, digits_source, folder_source, writ
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.make_shards", description=__doc__)
     p.add_argument("--src", required=True, help="'digits' or an image folder ROOT/<class>/<img>")
-    p.add_argument("--out", required=True, type=Path, help="folder for the shards + manifest")
+    p.add_argument(
+        "--out", required=True, help="folder or fsspec URL (s3://, gs://) for shards + manifest"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
     p.add_argument(
@@ -38,7 +44,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix", default=None, help="shard name prefix (default: source name)")
     p.add_argument("--digits-size", type=int, default=32, help="digits are upscaled to this")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes writing shards (default 1; 0: one per CPU); same output for any N",
+    )
     return p.parse_args(argv)
+
+
+def resolve_workers(workers: int) -> int:
+    """--workers as a process count: 0 means one per CPU this process may run on."""
+    if workers < 0:
+        raise SourceError(f"--workers must be >= 0 (0: one per CPU), got {workers}")
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         val_fraction=val,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
+        workers=resolve_workers(args.workers),
     )
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out}")
     if manifest["skipped"]:
