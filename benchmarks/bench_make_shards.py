@@ -4,7 +4,7 @@
         [--cifar-dir ../shared/datasets/cifar10]
 
 Builds ROOT/<class>/<image> of real JPEGs at 400x300 (CIFAR-10 images upscaled, from
-../shared/datasets/cifar10) under /work/tmp_bench (deleted afterwards), then times
+../shared/datasets/cifar10) under /work/tmp_bench/make_shards (deleted afterwards), then times
 `write_shards` (read + check-decode + tar write + manifest; the pool start-up included) with
 workers=1 and workers=N, best of --repeats each, and checks both outputs are byte-identical.
 The speed-up is the ratio to the one-process run measured here, on this machine, now.
@@ -75,11 +75,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dir", type=Path, default=Path("/work/tmp_bench"))
+    p.add_argument("--dir", type=Path, default=Path("/work/tmp_bench/make_shards"))
     p.add_argument("--cifar-dir", type=Path, default=Path(CIFAR_DIR))
     args = p.parse_args()
     load_before = os.getloadavg()
-    args.dir.mkdir(parents=True, exist_ok=False)  # never reuse (or delete) someone else's folder
+    args.dir.parent.mkdir(parents=True, exist_ok=True)  # shared by other benchmarks
+    args.dir.mkdir(exist_ok=False)  # never reuse (or delete) a folder this run did not make
     try:
         mib = build_tree(args.cifar_dir, args.dir / "tree", args.images) / 2**20
         print(f"tree: {args.images} JPEGs at 400x300, {mib:.0f} MiB, shard size {args.shard_size}")
