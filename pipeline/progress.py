@@ -31,6 +31,14 @@ LOSS_KEYS = ("loss_g", "loss_rec", "loss_d")  # shown in this order when present
 SMOOTHING = 0.3  # weight of the newest interval in the step rate: adapts within ~5 logs
 
 
+def emit(line: str) -> None:
+    """Write one line to stdout now. Not print(): inside a Ray Train worker print is patched to
+    log through the root logger and, when stdout is wrapped, also to print, so each line would
+    reach the job log twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def format_duration(seconds: float) -> str:
     """'45s', '11m40s', '2h03m', or '?' when unknown (not finite or negative)."""
     if not math.isfinite(seconds) or seconds < 0:

@@ -23,7 +23,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint, save_encoder
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.passes import eval_mode, take_batches
-from pipeline.progress import ProgressLog, checkpoint_line
+from pipeline.progress import ProgressLog, checkpoint_line, emit
 from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
@@ -101,7 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val = _held_out_batches(cfg) if rank == 0 else []
     progress = ProgressLog(cfg.train.max_steps, trainer.step, world, cfg.data.batch_size)
     if rank == 0:
-        print(progress.start(), flush=True)
+        emit(progress.start())
 
     def loader_for_epoch(epoch: int, start_batch: int):
         return build_loader(
@@ -111,20 +111,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def on_log(metrics: dict[str, float]) -> None:
         if rank == 0:
-            print(progress.line(metrics), flush=True)
+            emit(progress.line(metrics))
         if logger is not None:
             logger.metrics(_numeric(metrics), step=int(metrics["step"]))
 
     def on_checkpoint(t: Trainer) -> None:
         scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
         if rank == 0:
-            print(checkpoint_line(t.step, scores), flush=True)
+            emit(checkpoint_line(t.step, scores))
         _report(t, rank, scores)
 
     fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
     steps = _steps_per_rank(trainer.step, world)
     if rank == 0:
-        print(progress.end(trainer.step), flush=True)
+        emit(progress.end(trainer.step))
     if logger is not None:
         logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
         logger.tag("ce.world_size", str(world))

@@ -11,6 +11,7 @@ import pytest
 from pipeline.progress import (
     ProgressLog,
     checkpoint_line,
+    emit,
     format_duration,
     format_number,
     progress_line,
@@ -132,3 +133,8 @@ def test_tracked_without_a_total_and_on_a_terminal() -> None:
     assert list(tracked(range(4), desc="probe C sweep", unit="fit", stream=tty)) == [0, 1, 2, 3]
     assert "probe C sweep" in tty.getvalue() and "4/4" in tty.getvalue()  # tqdm's bar
     assert "\r" in tty.getvalue()
+
+
+def test_emit_writes_one_flushed_line(capsys) -> None:
+    emit("[train] step 1/2 (50%)")
+    assert capsys.readouterr().out == "[train] step 1/2 (50%)\n"
