@@ -10,6 +10,7 @@ import io
 import json
 import operator
 import tarfile
+import threading
 from pathlib import Path
 
 import fsspec
@@ -56,22 +57,31 @@ def run(root: Path, out: Path, workers: int) -> dict:
     return main([*args, "--split-val", "0.2", "--split-test", "0.2", "--workers", str(workers)])
 
 
-@pytest.mark.slow  # starts a process pool (one fresh interpreter per worker)
+@pytest.mark.slow  # starts process pools
 def test_any_number_of_workers_writes_the_same_bytes(jpeg_tree: Path, tmp_path: Path) -> None:
     one = run(jpeg_tree, tmp_path / "one", workers=1)
-    three = run(jpeg_tree, tmp_path / "three", workers=3)
+    three = run(jpeg_tree, tmp_path / "three", workers=3)  # forked workers (no other thread)
+    # With another thread alive the pool spawns fresh interpreters instead: same bytes too.
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)
+    busy.start()
+    try:
+        two = run(jpeg_tree, tmp_path / "two", workers=2)
+    finally:
+        stop.set()
+        busy.join()
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "three").iterdir())
     assert len(names) == len(one["shards"]) + 1 > 8  # every shard + the manifest, nothing else
-    for name in names:
-        if name.endswith(".tar"):
-            assert (tmp_path / "one" / name).read_bytes() == (
-                tmp_path / "three" / name
-            ).read_bytes()
-            assert tar_members(tmp_path / "one" / name)  # real, non-empty tars
-    # The manifests differ only in the folder named by the patterns.
-    text = (tmp_path / "three" / "manifest.json").read_text().replace("three", "one")
-    assert json.loads(text) == one and three["total"] == one["total"] == 42
+    for other, manifest in (("three", three), ("two", two)):
+        assert names == sorted(p.name for p in (tmp_path / other).iterdir())
+        for name in names:
+            if name.endswith(".tar"):
+                got = (tmp_path / other / name).read_bytes()
+                assert got == (tmp_path / "one" / name).read_bytes()
+                assert tar_members(tmp_path / other / name)  # real, non-empty tars
+        # The manifests differ only in the folder named by the patterns.
+        text = (tmp_path / other / "manifest.json").read_text().replace(other, "one")
+        assert json.loads(text) == one and manifest["total"] == one["total"] == 42
     assert sorted(Path(s["path"]).name for s in one["skipped"]) == ["broken.jpg", "empty.png"]
 
 
@@ -110,7 +120,6 @@ def test_a_shard_of_only_unreadable_files_is_dropped_and_names_stay_consecutive(
     assert counted == 2 * 42  # an image and a .cls per sample
 
 
-@pytest.mark.slow  # starts a process pool
 def test_a_failing_worker_leaves_no_shard_set(jpeg_tree: Path, tmp_path: Path) -> None:
     src = folder_source(jpeg_tree)
     crash = SourceItem("crash", 0, "crash", functools.partial(operator.truediv, 1, 0))

@@ -231,14 +231,31 @@ def write_shard(job: ShardJob, folder: str) -> tuple[int, list[dict[str, str]]]:
     return count, skipped
 
 
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _bar(total: int, progress: bool) -> tqdm | _NoBar:
+    # No tqdm object at all when hidden: even a disabled one starts tqdm's monitor thread, and a
+    # process with another thread gets spawned (slow-starting) workers instead of forked ones.
+    return tqdm(total=total, desc="shards", unit="img") if progress else _NoBar()
+
+
 def _write_planned(
     jobs: list[ShardJob], folder: Path, workers: int, progress: bool
 ) -> list[tuple[int, list[dict[str, str]]]]:
     """Every job's result, in plan order, written here (workers == 1) or by a process pool."""
-    bar = functools.partial(tqdm, total=sum(len(j.items) for j in jobs), desc="shards", unit="img")
+    total = sum(len(j.items) for j in jobs)
     if workers == 1 or len(jobs) <= 1:
         results = []
-        with bar(disable=not progress) as shown:
+        with _bar(total, progress) as shown:
             for job in jobs:
                 results.append(write_shard(job, str(folder)))
                 shown.update(len(job.items))
@@ -246,10 +263,9 @@ def _write_planned(
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_pool_context())
     results: list = [None] * len(jobs)
     try:
-        # Submitted before the bar exists: a forked pool starts its workers at the first
-        # submit, and tqdm may start a monitor thread.
+        # Submitted before the bar exists: a forked pool starts its workers at the first submit.
         futures = {pool.submit(write_shard, job, str(folder)): i for i, job in enumerate(jobs)}
-        with bar(disable=not progress) as shown:
+        with _bar(total, progress) as shown:
             for future in as_completed(futures):
                 i = futures[future]
                 results[i] = future.result()
