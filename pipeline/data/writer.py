@@ -281,7 +281,14 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     machine, 7 s on a loaded 2-core one). spawn otherwise (inside a Ray worker or any threaded
     process, where fork could copy a lock another thread holds; macOS, where fork is unsafe).
     The output is the same either way."""
-    if sys.platform == "linux" and threading.active_count() == 1:
+    # tqdm's monitor thread (left by any earlier bar) only sleeps and touches tqdm's own lock,
+    # which a worker never takes: it does not make fork unsafe here.
+    others = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.name != "tqdm_monitor"
+    ]
+    if sys.platform == "linux" and not others:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
