@@ -17,6 +17,7 @@ from evaluation import cache
 from evaluation.cache import CacheKey, Features
 from evaluation.features import Encoder, extract, merge
 from pipeline.config import DataConfig, MaskConfig
+from pipeline.progress import tracked
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,14 @@ def _loader(spec: SplitSpec, rank: int, world_size: int):
 
 def extract_local(encoder: Encoder, layers: Sequence[str], spec: SplitSpec) -> dict[str, Features]:
     """One process, one pass over all of the split's shards."""
-    return extract(encoder.module, layers, _loader(spec, 0, 1), spec.max_dim)
+    batches = tracked(_loader(spec, 0, 1), desc=f"extract {encoder.name} {spec.name}", unit="batch")
+    return extract(encoder.module, layers, batches, spec.max_dim)
 
 
 def _extract_part(module, layers, spec: SplitSpec, rank: int, world_size: int):
-    return extract(module, layers, _loader(spec, rank, world_size), spec.max_dim)
+    desc = f"extract {spec.name} part {rank + 1}/{world_size}"  # printed by the Ray task
+    batches = tracked(_loader(spec, rank, world_size), desc=desc, unit="batch")
+    return extract(module, layers, batches, spec.max_dim)
 
 
 def extract_ray(

@@ -35,6 +35,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from pipeline.progress import tracked
+
 log = logging.getLogger(__name__)
 
 # C at the sweep's size (45,000 carved train rows for CIFAR-10), half a decade apart. Measured
@@ -228,7 +230,7 @@ def _sweep(x_train: np.ndarray, y_train: np.ndarray, settings: ProbeSettings) ->
     solutions: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     # Ascending C: each fit starts from the previous, more regularised solution, which is
     # closer to the next optimum than zero is (the weights grow with C).
-    for c in sorted(set(settings.c_grid)):
+    for c in tracked(sorted(set(settings.c_grid)), desc="probe C sweep", unit="fit"):
         lr.set_params(C=c)
         runs.append(_solve(lr, z_tr, y_tr, f"C sweep fit C={c:g}"))
         scores[c] = float((lr.predict(z_val) == y_val).mean())
@@ -266,7 +268,8 @@ def fit_probe(
         # Warm start from the sweep's solution: the same per-sample objective on 10 % more rows
         # (and a scaler refit on them), so its optimum is close.
         lr.coef_, lr.intercept_ = sweep.coef.copy(), sweep.intercept.copy()
-        final = _solve(lr, scaler.transform(x_train), y_train, "final refit")
+        for _ in tracked([c_final], desc="probe refit", unit="fit"):  # one fit, often the longest
+            final = _solve(lr, scaler.transform(x_train), y_train, "final refit")
     return ProbeFit(
         model=Pipeline([("scale", scaler), ("lr", lr)]),
         c=sweep.c,

@@ -5,17 +5,21 @@
 train/val/test shards unless --split-val / --split-test say otherwise) or a folder laid out
 ROOT/<class>/<image>. The val split is what every choice is made on (checkpoints, searches, the
 probe's C); the test split is read only to score.
+--out is a folder or an fsspec URL (s3://bucket/shards, gs://..., with s3fs / gcsfs installed).
+--workers N writes whole shards in N processes; the output is byte-identical for every N
+(docs/make_shards.md).
 Prints the brace pattern(s) to give the loader (data.train_shards / data.val_shards).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from jobs._cli import Work, prog_name, run_cli, run_main
-from pipeline.data.writer import digits_source, folder_source, write_shards
+from pipeline.data.writer import SourceError, digits_source, folder_source, write_shards
 
 PROG = ("ce-make-shards", "jobs.make_shards")
 
@@ -23,7 +27,9 @@ PROG = ("ce-make-shards", "jobs.make_shards")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name(*PROG), description=__doc__)
     p.add_argument("--src", required=True, help="'digits' or an image folder ROOT/<class>/<img>")
-    p.add_argument("--out", required=True, type=Path, help="folder for the shards + manifest")
+    p.add_argument(
+        "--out", required=True, help="folder or fsspec URL (s3://, gs://) for shards + manifest"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
     p.add_argument(
@@ -42,7 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix", default=None, help="shard name prefix (default: source name)")
     p.add_argument("--digits-size", type=int, default=32, help="digits are upscaled to this")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes writing shards (default 1; 0: one per CPU); same output for any N",
+    )
     return p.parse_args(argv)
+
+
+def resolve_workers(workers: int) -> int:
+    """--workers as a process count: 0 means one per CPU this process may run on."""
+    if workers < 0:
+        raise SourceError(f"--workers must be >= 0 (0: one per CPU), got {workers}")
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prepare(argv: list[str] | None = None) -> Work:
@@ -56,6 +77,7 @@ def prepare(argv: list[str] | None = None) -> Work:
         source, default_split, default_prefix = folder_source(root), 0.0, root.resolve().name
     split = args.split_test if args.split_test is not None else default_split
     val = args.split_val if args.split_val is not None else (0.1 if args.src == "digits" else 0.0)
+    workers = resolve_workers(args.workers)
 
     def work() -> dict:
         manifest = write_shards(
@@ -68,6 +90,7 @@ def prepare(argv: list[str] | None = None) -> Work:
             val_fraction=val,
             overwrite=args.overwrite,
             progress=sys.stderr.isatty(),
+            workers=workers,
         )
         report(manifest, args.out)
         return manifest
@@ -75,7 +98,7 @@ def prepare(argv: list[str] | None = None) -> Work:
     return work
 
 
-def report(manifest: dict, out: Path) -> None:
+def report(manifest: dict, out: str) -> None:
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {out}")
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,17 @@ from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.mlflow_encoder import log_encoder_model
 from pipeline.passes import eval_mode, take_batches
+from pipeline.progress import ProgressLog, checkpoint_line, emit
 from pipeline.retry import RetryPolicy
 from pipeline.sample_grid import inpainting_grid
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
 ENCODER_ARTIFACT = "encoder/generator.pt"  # evaluation loads runs:/<run_id>/encoder/generator.pt
+# Ray Train's INFO notices (resource requests, process group set-up, "Reporting training
+# result ...") crowd out rank 0's [train] progress lines on the console; they still go to the
+# session's logs/train/ray-train-sys-*.log files at every level.
+RAY_TRAIN_CONSOLE_LOG_LEVEL = "WARNING"
 
 
 def storage_path(output_root: str) -> str:
@@ -82,6 +88,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LOG_LEVEL),
         ),
     )
 
@@ -104,6 +111,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # The restart is visible in the run: a marker metric at the step it continued from.
             logger.metrics({"resumed_from_step": resumed_from}, step=resumed_from)
     val = _held_out_batches(cfg) if rank == 0 else []
+    progress = ProgressLog(cfg.train.max_steps, trainer.step, world, cfg.data.batch_size)
+    if rank == 0:
+        emit(progress.start())
 
     def loader_for_epoch(epoch: int, start_batch: int):
         return build_loader(
@@ -112,15 +122,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )  # fmt: skip
 
     def on_log(metrics: dict[str, float]) -> None:
+        if rank == 0:
+            emit(progress.line(metrics))
         if logger is not None:
             logger.metrics(_numeric(metrics), step=int(metrics["step"]))
 
     def on_checkpoint(t: Trainer) -> None:
         scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
+        if rank == 0:
+            emit(checkpoint_line(t.step, scores))
         _report(t, rank, scores, _upload_policy(cfg))
 
     fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
     steps = _steps_per_rank(trainer.step, world)
+    if rank == 0:
+        emit(progress.end(trainer.step))
     if logger is not None:
         logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
         logger.tag("ce.world_size", str(world))
@@ -147,9 +163,16 @@ def _steps_per_rank(step: int, world: int) -> list[int]:
 def _ddp(module: torch.nn.Module) -> torch.nn.Module:
     # broadcast_buffers=False: BN running stats are only used in eval, and a
     # per-forward buffer broadcast from rank 0 would add a collective to every D call.
-    return ray.train.torch.prepare_model(
-        module, parallel_strategy_kwargs={"broadcast_buffers": False}
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 warns that broadcast_buffers is deprecated for forward_sync_buffers, whose
+        # False still syncs at init; the behaviour asked for here is unchanged, so say it once
+        # here instead of once per worker in every job log.
+        warnings.filterwarnings(
+            "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+        )
+        return ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={"broadcast_buffers": False}
+        )
 
 
 def _restore(trainer: Trainer, rank: int) -> int | None:

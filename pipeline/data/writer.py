@@ -2,31 +2,47 @@
 
 Each sample is `<key>.<jpg|png>` (the source bytes unchanged where they already are JPEG or
 PNG) plus `<key>.cls` (the label as ASCII digits). Samples are shuffled across shards with a
-seed. Shards are written into a hidden temporary folder inside `out` and renamed into place
-only when all are complete; `manifest.json` is written last, so an interrupted run never
-leaves a complete-looking shard set behind (pipeline.data.manifest writes it).
+seed, and the plan of which sample goes into which shard is fixed up front (`plan_shards`), so
+the shards can be written by any number of processes (`workers`) and come out byte-identical:
+same names, same samples in the same order, the same tar bytes (a fixed member mtime).
+
+Shards are written into a hidden temporary folder (inside `out` when it is local, so the final
+rename is atomic) and moved into place only when all are complete; `manifest.json` is written
+last, so an interrupted run never leaves a complete-looking shard set behind
+(pipeline.data.manifest writes it). A remote `out` (s3://, gs://, ... through fsspec) is staged
+on local disk and uploaded shard by shard, manifest last.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import multiprocessing
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST, write_manifest
+from pipeline.data.urls import is_local, local_path
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+# Every tar member gets this mtime (the epoch), so the same source and seed give the same bytes
+# whenever and with however many processes they are written.
+SHARD_MTIME = 0.0
 
 
 class SourceError(ValueError):
@@ -35,7 +51,8 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One image to write: `read()` returns (extension, bytes), raising on unreadable input."""
+    """One image to write: `read()` returns (extension, bytes), raising on unreadable input.
+    `read` must pickle (a module-level function or a functools.partial of one) for workers > 1."""
 
     key: str
     label: int
@@ -59,7 +76,11 @@ def _checked_file(path: Path) -> tuple[str, bytes]:
     """The file's bytes, after decoding them once: truncated or non-image files raise here.
     JPEG draft mode makes the check a 1/8-scale decode (it still reads the whole stream)."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the BytesIO's address: not repeatable
+        raise ValueError("not a readable image file") from None
+    with img:
         if img.format not in ("JPEG", "PNG"):
             raise ValueError(f"{img.format} data behind a {path.suffix} name")
         img.draft("RGB", (64, 64))
@@ -89,7 +110,7 @@ def folder_source(root: Path) -> Source:
             while key in seen:  # a.jpg and a.png in one folder
                 key += "_"
             seen.add(key)
-            items.append(SourceItem(key, label, str(path), lambda p=path: _checked_file(p)))
+            items.append(SourceItem(key, label, str(path), functools.partial(_checked_file, path)))
     if not items:
         raise SourceError(
             f"no jpg/jpeg/png images found under {root} (expected ROOT/<class>/<image>)"
@@ -103,6 +124,11 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _digit_png(images: np.ndarray, i: int, size: int) -> tuple[str, bytes]:
+    img = Image.fromarray(images[i]).resize((size, size), Image.Resampling.BILINEAR)
+    return "png", _png_bytes(np.asarray(img))
+
+
 def digits_source(size: int = 32) -> Source:
     """scikit-learn's bundled digits (1,797 8x8 grayscale images, values 0..16), upscaled to
     size x size PNGs so the 32-px pipeline can crop them."""
@@ -110,16 +136,13 @@ def digits_source(size: int = 32) -> Source:
 
     digits = load_digits()
     images = (digits.images * (255 / 16)).round().astype(np.uint8)
-
-    def reader(i: int) -> Callable[[], tuple[str, bytes]]:
-        def read() -> tuple[str, bytes]:
-            img = Image.fromarray(images[i]).resize((size, size), Image.Resampling.BILINEAR)
-            return "png", _png_bytes(np.asarray(img))
-
-        return read
-
     items = [
-        SourceItem(f"digits-{i:05d}", int(digits.target[i]), f"digits[{i}]", reader(i))
+        SourceItem(
+            f"digits-{i:05d}",
+            int(digits.target[i]),
+            f"digits[{i}]",
+            functools.partial(_digit_png, images, i, size),
+        )
         for i in range(len(images))
     ]
     return Source(items, [str(c) for c in digits.target_names], [])
@@ -165,50 +188,183 @@ def shard_stem(prefix: str, split: str) -> str:
     return prefix if split == "all" else f"{prefix}-{split}"
 
 
-def existing_outputs(out: Path, prefix: str) -> list[Path]:
-    """Shards of this prefix (and a manifest) already in `out`."""
-    if not out.is_dir():
-        return []
-    found = sorted(out.glob(f"{prefix}-*.tar"))
-    return found + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+@dataclass(frozen=True)
+class ShardJob:
+    """One planned shard: its split, its place in that split's plan, its samples in order."""
+
+    split: str
+    stem: str
+    index: int
+    items: list[SourceItem]
+
+    @property
+    def file(self) -> str:
+        """Its name while staged; the final name is given once every shard is written."""
+        return f"{self.stem}-plan-{self.index:06d}.tar"
 
 
-def _write_split(
-    items: list[SourceItem], tmp: Path, stem: str, shard_size: int, bar: tqdm
-) -> tuple[list[dict], list[dict]]:
-    """Write one split's shards into `tmp`; returns (shard entries, skipped entries)."""
-    counts: dict[str, int] = {}
-    skipped = []
-    with wds.ShardWriter(str(tmp / f"{stem}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for it in items:
-            bar.update(1)
+def plan_shards(
+    splits: dict[str, list[SourceItem]], prefix: str, shard_size: int
+) -> list[ShardJob]:
+    """Consecutive runs of `shard_size` samples of each (already shuffled) split. Decided before
+    any image is read, so what lands in which shard cannot depend on the number of workers."""
+    return [
+        ShardJob(split, shard_stem(prefix, split), k, items[start : start + shard_size])
+        for split, items in splits.items()
+        for k, start in enumerate(range(0, len(items), shard_size))
+    ]
+
+
+def write_shard(job: ShardJob, folder: str) -> tuple[int, list[dict[str, str]]]:
+    """Write one planned shard to folder/job.file; returns (samples written, skipped entries).
+    Module-level (and `job` picklable) so a worker process can run it."""
+    count, skipped = 0, []
+    with open(Path(folder) / job.file, "wb") as f, wds.TarWriter(f, mtime=SHARD_MTIME) as sink:
+        for it in job.items:
             try:
                 ext, data = it.read()
             except (OSError, ValueError, SyntaxError) as e:
                 skipped.append({"path": it.origin, "reason": f"unreadable: {e}"})
                 continue
             sink.write({"__key__": it.key, ext: data, "cls": str(it.label).encode()})
-            name = os.path.basename(sink.fname)
-            counts[name] = counts.get(name, 0) + 1
-    shards = [
-        {"name": n, "count": c, "bytes": (tmp / n).stat().st_size}
-        for n, c in sorted(counts.items())
+            count += 1
+    return count, skipped
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _bar(total: int, progress: bool) -> tqdm | _NoBar:
+    # No tqdm object at all when hidden: even a disabled one starts tqdm's monitor thread, and a
+    # process with another thread gets spawned (slow-starting) workers instead of forked ones.
+    return tqdm(total=total, desc="shards", unit="img") if progress else _NoBar()
+
+
+def _write_planned(
+    jobs: list[ShardJob], folder: Path, workers: int, progress: bool
+) -> list[tuple[int, list[dict[str, str]]]]:
+    """Every job's result, in plan order, written here (workers == 1) or by a process pool."""
+    total = sum(len(j.items) for j in jobs)
+    if workers == 1 or len(jobs) <= 1:
+        results = []
+        with _bar(total, progress) as shown:
+            for job in jobs:
+                results.append(write_shard(job, str(folder)))
+                shown.update(len(job.items))
+        return results
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_pool_context())
+    results: list = [None] * len(jobs)
+    try:
+        # Submitted before the bar exists: a forked pool starts its workers at the first submit.
+        futures = {pool.submit(write_shard, job, str(folder)): i for i, job in enumerate(jobs)}
+        with _bar(total, progress) as shown:
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                shown.update(len(jobs[i].items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error: no new shard starts
+    return results
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs no other thread (the make_shards CLI): a forked worker starts
+    at once, where a spawned one first imports webdataset and with it torch (1 s on an idle
+    machine, 7 s on a loaded 2-core one). spawn otherwise (inside a Ray worker or any threaded
+    process, where fork could copy a lock another thread holds; macOS, where fork is unsafe).
+    The output is the same either way."""
+    # tqdm's monitor thread (left by any earlier bar) only sleeps and touches tqdm's own lock,
+    # which a worker never takes: it does not make fork unsafe here.
+    others = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.name != "tqdm_monitor"
     ]
-    return shards, skipped
+    if sys.platform == "linux" and not others:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
-def brace_pattern(folder: Path, names: list[str]) -> str:
+class _Destination:
+    """The output folder. Local: staged in a hidden folder inside it, so moving a shard into
+    place is an atomic rename. Remote (any fsspec URL): staged in a local temporary folder and
+    uploaded; an object store shows an object only once its upload is complete."""
+
+    def __init__(self, out: str | Path):
+        self.url = str(out)
+        self.local = is_local(self.url)
+        if self.local:
+            self.folder = Path(local_path(self.url))
+        else:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+            self.root = root.rstrip("/")
+
+    def existing(self, prefix: str) -> list[str]:
+        """Shards of this prefix (and a manifest) already there."""
+        if self.local:
+            if not self.folder.is_dir():
+                return []
+            found = [str(p) for p in sorted(self.folder.glob(f"{prefix}-*.tar"))]
+            manifest = self.folder / MANIFEST
+            return found + ([str(manifest)] if manifest.exists() else [])
+        found = sorted(self.fs.glob(f"{self.root}/{prefix}-*.tar"))
+        manifest = f"{self.root}/{MANIFEST}"
+        return found + ([manifest] if self.fs.exists(manifest) else [])
+
+    def staging(self, prefix: str) -> Path:
+        if not self.local:
+            return Path(tempfile.mkdtemp(prefix=f"{prefix}-partial-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{prefix}-partial-", dir=self.folder))
+
+    def pattern(self, names: list[str]) -> str:
+        folder = str(self.folder) if self.local else self.url.rstrip("/")
+        return brace_pattern(folder, names)
+
+    def publish(self, staged: Path, manifest: dict, old: list[str]) -> None:
+        """Replace `old` by the staged shards, then write the manifest: last, so it never names
+        a shard that is not there yet."""
+        names = [s["name"] for s in manifest["shards"]]
+        if self.local:
+            for p in old:
+                Path(p).unlink()
+            for name in names:
+                os.replace(staged / name, self.folder / name)
+            write_manifest(manifest, self.folder, staging=staged)
+            return
+        if old:
+            self.fs.rm(old)
+        self.fs.put([str(staged / n) for n in names], [f"{self.root}/{n}" for n in names])
+        write_manifest(manifest, staged, staging=staged)
+        self.fs.put_file(str(staged / MANIFEST), f"{self.root}/{MANIFEST}")
+
+
+def existing_outputs(out: str | Path, prefix: str) -> list[str]:
+    """Shards of this prefix (and a manifest) already in `out` (a folder or an fsspec URL)."""
+    return _Destination(out).existing(prefix)
+
+
+def brace_pattern(folder: str | Path, names: list[str]) -> str:
     """'folder/stem-{000000..000003}.tar' for consecutive shard names (or the single name)."""
+    folder = str(folder).rstrip("/") or "/"
     if len(names) == 1:
-        return str(folder / names[0])
+        return f"{folder}/{names[0]}"
     stem = names[0].rsplit("-", 1)[0]
     last = names[-1].rsplit("-", 1)[1].split(".")[0]
-    return str(folder / f"{stem}-{{{'0' * len(last)}..{last}}}.tar")
+    return f"{folder}/{stem}-{{{'0' * len(last)}..{last}}}.tar"
 
 
 def write_shards(
     source: Source,
-    out: Path,
+    out: str | Path,
     *,
     prefix: str,
     shard_size: int,
@@ -217,45 +373,66 @@ def write_shards(
     val_fraction: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
-    """Write the source as shards into `out` and return the manifest (also written, last)."""
+    """Write the source as shards into `out` (a folder or an fsspec URL such as s3://b/x) with
+    `workers` processes and return the manifest (also written, last). The output is the same
+    bytes for any `workers`."""
     if shard_size <= 0:
         raise SourceError(f"--shard-size must be > 0, got {shard_size}")
-    old = existing_outputs(out, prefix)
+    if workers < 1:
+        raise SourceError(f"--workers must be >= 1, got {workers}")
+    dest = _Destination(out)
+    old = dest.existing(prefix)
     if old and not overwrite:
+        names = [p.rsplit("/", 1)[-1] for p in old]
         raise FileExistsError(
-            f"{out} already holds {[p.name for p in old][:4]}...; pass --overwrite to replace them"
+            f"{out} already holds {names[:4]}...; pass --overwrite to replace them"
         )
-    out.mkdir(parents=True, exist_ok=True)
     splits = split_items(source.items, test_fraction, seed, val_fraction)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-partial-", dir=out))
+    jobs = plan_shards(splits, prefix, shard_size)
+    tmp = dest.staging(prefix)
     try:
-        manifest = _write_all(source, splits, tmp, out, prefix, shard_size, progress)
+        (tmp / "plan").mkdir()
+        results = _write_planned(jobs, tmp / "plan", workers, progress)
+        manifest = _assemble(source, splits, jobs, results, tmp, dest)
         manifest["seed"], manifest["shard_size"] = seed, shard_size
-        for p in old:
-            p.unlink()
-        for entry in manifest["shards"]:
-            os.replace(tmp / entry["name"], out / entry["name"])
-        write_manifest(manifest, out, staging=tmp)
+        dest.publish(tmp, manifest, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def _write_all(source, splits, tmp, out, prefix, shard_size, progress) -> dict:
-    shards, skipped, split_info = [], list(source.skipped), {}
-    with tqdm(total=len(source.items), desc="shards", unit="img", disable=not progress) as bar:
-        for split, items in splits.items():
-            written, bad = _write_split(items, tmp, shard_stem(prefix, split), shard_size, bar)
-            for s in written:
-                s["split"] = split
-            shards += written
-            skipped += bad
-            names = [s["name"] for s in written]
-            split_info[split] = {
-                "total": sum(s["count"] for s in written),
-                "pattern": brace_pattern(out, names) if names else "",
-            }
+def _assemble(
+    source: Source,
+    splits: dict[str, list[SourceItem]],
+    jobs: list[ShardJob],
+    results: list[tuple[int, list[dict[str, str]]]],
+    tmp: Path,
+    dest: _Destination,
+) -> dict:
+    """Name the written shards (consecutive per split, in plan order; a shard whose every image
+    was unreadable is dropped) by moving them from tmp/plan to tmp, and build the manifest."""
+    shards, skipped = [], list(source.skipped)
+    kept: dict[str, list[tuple[ShardJob, int]]] = {split: [] for split in splits}
+    for job, (count, bad) in zip(jobs, results, strict=True):
+        skipped += bad
+        if count:
+            kept[job.split].append((job, count))
+    split_info = {}
+    for split, written in kept.items():
+        names = []
+        for k, (job, count) in enumerate(written):
+            name = f"{job.stem}-{k:06d}.tar"
+            os.replace(tmp / "plan" / job.file, tmp / name)
+            shards.append(
+                {"name": name, "count": count, "bytes": (tmp / name).stat().st_size, "split": split}
+            )
+            names.append(name)
+        split_info[split] = {
+            "total": sum(count for _, count in written),
+            "pattern": dest.pattern(names) if names else "",
+        }
     total = sum(s["count"] for s in shards)
     if total == 0:
         raise SourceError(f"every source file was unreadable ({len(skipped)} skipped)")
