@@ -22,6 +22,9 @@ import yaml
 MaskKind = str
 Arch = Literal["dcgan", "alexnet"]
 Precision = Literal["fp32", "bf16"]
+# "webdataset": build_loader in each rank (exact epochs); "ray_data": decode on any CPU node of
+# the cluster through Ray Data (pipeline.data.ray_data), see docs/input_paths.md.
+InputPath = Literal["webdataset", "ray_data"]
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,7 @@ class DataConfig:
     resampled: bool = False  # endless stream (shards drawn with replacement) vs exact epochs
     steps_per_epoch: int = 0  # required when resampled; 0 in epoch mode = derived from counts
     flip: bool = True  # random horizontal flip p = 0.5 on training crops
+    input: InputPath = "webdataset"  # training input path (see InputPath)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,10 @@ def validate(cfg: Config) -> Config:
         (
             not cfg.data.resampled or cfg.data.steps_per_epoch > 0,
             "data.steps_per_epoch must be > 0 when data.resampled is true",
+        ),
+        (
+            cfg.data.input != "ray_data" or not cfg.data.resampled,
+            "data.input=ray_data reads exact epochs: set data.resampled=false",
         ),
         (
             0 < cfg.mask.min_cover <= cfg.mask.max_cover < 1,
