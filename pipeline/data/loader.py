@@ -14,10 +14,11 @@ tar) shrink their batch instead of shifting later ones, and are counted in `batc
 A batch that loses every sample is refilled with repeats of the worker's last good samples,
 valid=False, so step counts stay equal.
 
-Resampled mode: each loader worker draws shards with replacement (WebDataset's ResampledShards,
-seeded by seed, epoch, rank, worker and start_batch), streams their samples through
-WebDataset's shuffle buffer, and the rank yields exactly `data.steps_per_epoch` full batches. A resumed epoch gets a fresh draw, not the same
-samples (they were random draws anyway).
+Resampled mode: each loader worker draws shards with replacement (WebDataset's
+ResampledShards, seeded by seed, epoch, rank, worker and start_batch), streams their samples
+through WebDataset's shuffle buffer, and the rank yields exactly `data.steps_per_epoch` full
+batches. A resumed epoch gets a fresh draw, not the same samples (they were random draws
+anyway).
 """
 
 from __future__ import annotations
