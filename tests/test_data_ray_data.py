@@ -147,17 +147,22 @@ def test_two_ranks_take_equal_steps_from_an_uneven_split(ray_with_room, shards: 
 
 
 def test_two_worker_pretraining_on_ray_data(tmp_path: Path, ray_with_room, shards: str) -> None:
+    from mlflow.tracking import MlflowClient
+
     from jobs.pretrain import main
 
     overrides = {
         "data.train_shards": shards, "data.image_size": 32, "model.image_size": 32,
         "data.input": "ray_data", "data.batch_size": 16, "data.shuffle_buffer": 32,
-        "model.width": 8, "model.bottleneck": 32, "train.max_steps": 8,
-        "train.log_every": 4, "train.checkpoint_every": 4, "train.eval_batches": 0,
+        "model.width": 8, "model.bottleneck": 32, "train.max_steps": 12,
+        "train.log_every": 6, "train.checkpoint_every": 6, "train.eval_batches": 0,
         "run.output_root": str(tmp_path / "out"), "run.name": "raydata", "run.num_workers": 2,
         "run.max_failures": 0, "run.run_name": "raydata",
     }  # fmt: skip
     res = main([f"{k}={v}" for k, v in overrides.items()])
-    assert res.metrics["step"] == 8  # 6 steps per epoch (197 // 2 // 16): crosses an epoch
-    assert res.metrics["epoch"] == 1
+    assert res.metrics["step"] == 12
+    # 6 steps an epoch (197 // 2 // 16) on this path; the default loader's 7 would leave epoch 1
+    assert res.metrics["epoch"] == 2
     assert Path(res.checkpoint_path, "checkpoint.pt").is_file()
+    run = MlflowClient(tracking_uri=res.tracking_uri).get_run(res.mlflow_run_id)
+    assert run.data.tags["ce.steps_per_rank"] == "12,12" and run.info.status == "FINISHED"

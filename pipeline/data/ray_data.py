@@ -156,11 +156,16 @@ def build_dataset(
     """The lazy training Dataset (needs a connected Ray). One block per shard URL, their order
     reshuffled every pass (seeded), read and decoded by tasks on any node with free CPUs."""
     import ray.data
-    from ray.data import RandomSeedConfig
 
+    try:  # a new shard order every pass, reproducible from the seed
+        from ray.data import RandomSeedConfig
+
+        order_seed: Any = RandomSeedConfig(seed, reseed_after_execution=True)
+    except ImportError:  # an older Ray: the same seeded order every pass
+        order_seed = seed
     shard_urls = expand_urls(urls)
     ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=len(shard_urls))
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed, reseed_after_execution=True))
+    ds = ds.randomize_block_order(seed=order_seed)
     ds = ds.map_batches(read_shards, batch_size=1)
     kwargs = {"data": data, "mask": mask, "seed": seed, "first_epoch": first_epoch}
     return ds.map_batches(decode_rows, batch_size=READ_CHUNK, fn_kwargs=kwargs)
