@@ -125,6 +125,30 @@ def test_one_rank_two_epochs_match_the_default_loader(ray_with_room, shards: str
         assert_same_samples(batches, default_rows(shards, epoch=epoch, seed=7))
 
 
+def test_resume_and_a_truncated_shard_keep_the_step_count(
+    ray_with_room, shards: str, tmp_path: Path
+) -> None:
+    """start_batch hands out the rest of a pass; samples lost to a truncated shard (counted
+    in the manifest, gone from the tar) become padded steps, valid=False, never fewer steps."""
+    folder = Path(expand_urls(shards)[0]).parent
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cut = tmp_path / "dg-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    urls = str(tmp_path / "dg-{000000..000006}.tar")
+    shard = build_dataset(DATA, MASK, urls=urls, seed=2).iterator()
+    loader = epoch_batches(shard, DATA, MASK, urls=urls, rank=0, world_size=1, epoch=0, seed=2,
+                           start_batch=3)  # fmt: skip
+    batches = list(loader)
+    steps = N_SAMPLES // 16
+    assert len(loader) == len(batches) == steps - 3
+    valid = [int(b["valid"].sum()) for b in batches]
+    blocks = read_shards({"url": np.array(expand_urls(urls), dtype=object)})
+    lost = N_SAMPLES - sum(len(b["key"]) for b in blocks)
+    assert lost > 0 and valid.count(0) == steps - (N_SAMPLES - lost) // 16
+    assert all(v == 16 for v in valid if v)
+
+
 def test_two_ranks_take_equal_steps_from_an_uneven_split(ray_with_room, shards: str) -> None:
     its = build_dataset(DATA, MASK, urls=shards, seed=1).streaming_split(2, equal=True)
     got: dict[int, list] = {}
