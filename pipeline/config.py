@@ -22,6 +22,9 @@ import yaml
 MaskKind = str
 Arch = Literal["dcgan", "alexnet"]
 Precision = Literal["fp32", "bf16"]
+# "webdataset": build_loader in each rank (exact epochs); "ray_data": decode on any CPU node of
+# the cluster through Ray Data (pipeline.data.ray_data), see docs/input_paths.md.
+InputPath = Literal["webdataset", "ray_data"]
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,7 @@ class DataConfig:
     # retry_backoff_s, 2x, 4x, ...; then the shard's remaining samples are counted as skipped.
     read_retries: int = 3
     retry_backoff_s: float = 0.5
+    input: InputPath = "webdataset"  # training input path (see InputPath)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ def validate(cfg: Config) -> Config:
         (
             not cfg.data.resampled or cfg.data.steps_per_epoch > 0,
             "data.steps_per_epoch must be > 0 when data.resampled is true",
+        ),
+        (
+            cfg.data.input != "ray_data" or not cfg.data.resampled,
+            "data.input=ray_data reads exact epochs: set data.resampled=false",
         ),
         (
             0 < cfg.mask.min_cover <= cfg.mask.max_cover < 1,

@@ -32,6 +32,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
+from pipeline.data.ray_data import build_dataset, epoch_batches
 from pipeline.mlflow_encoder import log_encoder_model
 from pipeline.passes import eval_mode, take_batches
 from pipeline.progress import ProgressLog, checkpoint_line, emit
@@ -90,7 +91,17 @@ def build_trainer(
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LOG_LEVEL),
         ),
+        **_ray_data_inputs(cfg),
     )
+
+
+def _ray_data_inputs(cfg: Config) -> dict[str, Any]:
+    """TorchTrainer's `datasets` / `dataset_config` for data.input=ray_data (none otherwise):
+    the train Dataset, split across the ranks by Ray Train (streaming_split, equal=True)."""
+    if cfg.data.input != "ray_data":
+        return {}
+    ds = build_dataset(cfg.data, cfg.mask, urls=cfg.data.train_shards, seed=cfg.train.seed)
+    return {"datasets": {"train": ds}, "dataset_config": ray.train.DataConfig(["train"])}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -116,6 +127,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         emit(progress.start())
 
     def loader_for_epoch(epoch: int, start_batch: int):
+        if cfg.data.input == "ray_data":
+            return epoch_batches(
+                ray.train.get_dataset_shard("train"), cfg.data, cfg.mask,
+                urls=cfg.data.train_shards, rank=rank, world_size=world, epoch=epoch,
+                seed=cfg.train.seed, start_batch=start_batch,
+            )  # fmt: skip
         return build_loader(
             cfg.data, cfg.mask, urls=cfg.data.train_shards, train=True, rank=rank,
             world_size=world, epoch=epoch, seed=cfg.train.seed, start_batch=start_batch,

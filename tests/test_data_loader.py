@@ -151,6 +151,23 @@ def test_resampled_fixed_steps(digits_shards: str, workers: int) -> None:
         assert len(loader) == 5 and sizes == [16] * 5
 
 
+def test_resampled_draws_repeat_per_seed_and_differ_per_rank(digits_shards: str) -> None:
+    """WebDataset's ResampledShards + shuffle, seeded from (seed, epoch, rank): the same
+    arguments give the same samples, another rank or epoch other ones."""
+    data = DataConfig(image_size=32, batch_size=8, resampled=True, steps_per_epoch=3,
+                      shuffle_buffer=20)  # fmt: skip
+
+    def keys(rank: int, epoch: int) -> list[str]:
+        loader = build_loader(data, MaskConfig(), urls=digits_shards, train=True, rank=rank,
+                              world_size=2, epoch=epoch, seed=3)  # fmt: skip
+        return [k for b in loader for k in b["key"]]
+
+    first = keys(0, 0)
+    assert len(first) == 24 and keys(0, 0) == first
+    assert keys(1, 0) != first and keys(0, 1) != first
+    assert set(first) <= set(tar_labels(expand_urls(digits_shards)))
+
+
 def test_resume_and_worker_count_give_the_same_batches(digits_shards: str) -> None:
     def batches(workers: int, start: int) -> list[dict]:
         data = DataConfig(image_size=32, batch_size=16, num_workers=workers, shuffle_buffer=50)

@@ -10,6 +10,8 @@ order a sample meets them:
     samples.py  raw sample -> pixels (decode, resize, crop, flip, per-sample seeds) -> batch dict
     masks.py    the mask shapes and MASKS, the registry of mask kinds (a new kind is one entry)
     loader.py   build_loader and the two stream classes (exact epochs, resampled)
+    ray_data.py data.input=ray_data: the same batches decoded by Ray Data tasks on any CPU node
+                (imports Ray only when called; pipeline.ray_train wires it in)
     writer.py   image folders / digits -> shards + manifest (jobs.make_shards)
 
 The reading side's public names are re-exported here (`from pipeline.data import

@@ -14,10 +14,11 @@ tar) shrink their batch instead of shifting later ones, and are counted in `batc
 A batch that loses every sample is refilled with repeats of the worker's last good samples,
 valid=False, so step counts stay equal.
 
-Resampled mode: each loader worker draws shards with replacement (seeded by seed, epoch, rank,
-worker and start_batch), streams their samples through a shuffle buffer, and the rank yields
-exactly `data.steps_per_epoch` full batches. A resumed epoch gets a fresh draw, not the same
-samples (they were random draws anyway).
+Resampled mode: each loader worker draws shards with replacement (WebDataset's
+ResampledShards, seeded by seed, epoch, rank, worker and start_batch), streams their samples
+through WebDataset's shuffle buffer, and the rank yields exactly `data.steps_per_epoch` full
+batches. A resumed epoch gets a fresh draw, not the same samples (they were random draws
+anyway).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import random
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import utils as wds_utils
 
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data.counts import shard_sample_counts
@@ -136,17 +140,32 @@ class _EpochStream(IterableDataset):
 
 
 class _ResampledStream(IterableDataset):
-    """Endless shard draws with replacement; this worker's share of `steps` full batches."""
+    """Endless shard draws with replacement; this worker's share of `steps` full batches.
+
+    The draws and the sample shuffle are WebDataset's own (`ResampledShards`, `shuffle`), seeded
+    from arguments, never from the environment: WebDataset's default worker seed reads rank and
+    worker from torch.distributed / the DataLoader, and its seed mixing hashes its arguments, so
+    only ints go in (str hashes are salted per process). The bytes still come from our tar
+    reader: WebDataset's `tarfile_to_samples` opens URLs through its own handler table (no s3
+    without registering one), and on a truncated tar it either raises or, with a warning
+    handler, drops the shard without a count; here a shard's losses are logged and a stream of
+    nothing but failures is noticed."""
 
     def __init__(self, spec: SampleSpec, urls: list[str], steps: int, rank: int, start_batch: int):
         super().__init__()
         self.spec, self.urls, self.steps = spec, urls, steps
         self.rank, self.start_batch = rank, start_batch
 
-    def _raw_stream(self, rng: np.random.Generator) -> Iterator[Raw]:
-        while True:
-            url = self.urls[int(rng.integers(len(self.urls)))]
-            n = 0
+    def _seed(self, wid: int, stage: int) -> int:
+        s = self.spec
+        return wds_utils.make_seed(s.seed, s.epoch, self.rank, wid, self.start_batch, stage)
+
+    def _raw_stream(self, wid: int) -> Iterator[Raw]:
+        shards = wds.ResampledShards(
+            self.urls, worker_seed=lambda: self._seed(wid, 11), deterministic=True
+        )
+        for item in shards:
+            url, n = item["url"], 0
             try:
                 with open_url(url, _read_retry(self.spec.data)) as f:
                     for _, key, sample in iter_tar_samples(f, lambda _: True):
@@ -157,20 +176,16 @@ class _ResampledStream(IterableDataset):
             if n == 0:
                 yield "", url, {}  # lets the caller notice a stream of nothing but failures
 
-    def _shuffled(self, rng: np.random.Generator) -> Iterator[Raw]:
-        buf: list[Raw] = []
-        for raw in self._raw_stream(rng):
-            buf.append(raw)
-            if len(buf) >= max(1, self.spec.data.shuffle_buffer):
-                i = int(rng.integers(len(buf)))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
+    def _shuffled(self, wid: int) -> Iterator[Raw]:
+        size = max(1, self.spec.data.shuffle_buffer)
+        rng = random.Random(self._seed(wid, 12))
+        # initial = bufsize: nothing leaves before the buffer is full (the mixing the size buys)
+        return wds.shuffle(size, initial=size, rng=rng)(self._raw_stream(wid))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, _ = _worker_slot()
-        seed, epoch, bsz = self.spec.seed, self.spec.epoch, self.spec.data.batch_size
-        rng = np.random.default_rng([seed, epoch, self.rank, wid, self.start_batch, 11])
-        stream, misses = self._shuffled(rng), 0
+        bsz = self.spec.data.batch_size
+        stream, misses = self._shuffled(wid), 0
         for _ in _my_batches(self.steps, self.start_batch):
             good, skipped = [], 0
             while len(good) < bsz:
