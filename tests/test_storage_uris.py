@@ -152,3 +152,23 @@ def test_require_filesystem_names_the_key_and_the_extra():
         require_filesystem("gs://b/x.tar", "data.train_shards")
     if importlib.util.find_spec("s3fs") is not None:  # the dev extra installs it
         require_filesystem("s3://b/x.tar", "data.train_shards")
+
+
+def test_remote_glob_lists_every_matching_shard():
+    """fsspec's in-memory filesystem stands in for a bucket: the glob goes through the same
+    fsspec listing an s3:// or gs:// glob does."""
+    import uuid
+
+    import fsspec
+
+    from pipeline.data.urls import expand_urls
+
+    fs, root = fsspec.filesystem("memory"), f"/shards-{uuid.uuid4().hex}"
+    for name in ("s-000002.tar", "s-000000.tar", "s-000001.tar", "other.txt"):
+        fs.pipe(f"{root}/{name}", b"x")
+    try:
+        urls = expand_urls(f"memory://{root}/s-*.tar")
+        assert [u.rsplit("/", 1)[1] for u in urls] == [f"s-00000{i}.tar" for i in range(3)]
+        assert all(u.startswith("memory://") for u in urls)
+    finally:
+        fs.rm(root, recursive=True)
