@@ -30,7 +30,10 @@ def open_url(url: str) -> IO[bytes]:
         from webdataset import gopen  # the function, not the module of the same name
 
         return gopen(url, "rb")
-    return fsspec.open(url, "rb", block_size=_FSSPEC_BLOCK).open()
+    # block_size goes to the file, not to fsspec.open: there it would be a filesystem option,
+    # and s3fs hands unknown options to its botocore session, which rejects them.
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, "rb", block_size=_FSSPEC_BLOCK)
 
 
 def read_beside(url: str, name: str) -> bytes | None:
