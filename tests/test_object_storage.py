@@ -100,6 +100,26 @@ def s3(tmp_path_factory):
             _stop(server)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(s3, tmp_path_factory):
+    """`mlflow server` on loopback storing artifacts in the bucket, started first thing (autouse)
+    so that its slow start overlaps the shard tests; `resumed_run` waits until it answers.
+    Yields (tracking URI, process)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=os.environ.copy(),  # the S3 environment set by `s3`
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        _stop(server)
+
+
 def _keys(client, prefix: str) -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
@@ -156,22 +176,14 @@ def _snapshot_has_checkpoint(client) -> bool:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(s3, shards, tmp_path_factory):
-    """An mlflow server storing artifacts in the bucket; a pretraining run into
-    s3://bucket/out killed after its first registered checkpoint, then run again with the same
-    run name to the end. Returns (tracking URI, the second run's stdout, its working dir)."""
-    client, env = s3
+def resumed_run(s3, shards, mlflow_server, tmp_path_factory):
+    """A pretraining run into s3://bucket/out, tracked by the MLflow server, killed after its
+    first registered checkpoint, then run again with the same run name to the end.
+    Returns (tracking URI, the second run's stdout, the runs' working dir)."""
+    client, _ = s3
     _, remote, _ = shards
+    uri, server = mlflow_server
     work = tmp_path_factory.mktemp("work")  # the runs' cwd: nothing may land here
-    port = _free_port()
-    mlflow = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{work.parent / 'mlflow-server.db'}",
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
-        cwd=work.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=os.environ.copy(),
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
     overrides = {
         "data.train_shards": f"{remote}/dg-train-*.tar",
         "data.val_shards": f"{remote}/dg-val-000000.tar",
@@ -183,27 +195,24 @@ def resumed_run(s3, shards, tmp_path_factory):
         "run.name": "test-s3", "run.run_name": RUN, "run.num_workers": 1, "run.max_failures": 0,
     }  # fmt: skip
     cmd = [sys.executable, "-m", "jobs.pretrain", *(f"{k}={v}" for k, v in overrides.items())]
-    run_env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
-    run_env |= {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    # The S3 environment (set by `s3`) without the test session's Ray API address.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+    env |= {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    _wait_http(f"{uri}/health", 120, server)
+    first = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        _wait_http(f"{uri}/health", 120, mlflow)
-        first = subprocess.Popen(cmd, cwd=work, env=run_env, start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            t0 = time.time()
-            while not _snapshot_has_checkpoint(client):
-                assert first.poll() is None, "the first run ended before its first checkpoint"
-                assert time.time() - t0 < 240, "no registered checkpoint in the bucket"
-                time.sleep(0.2)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-        second = subprocess.run(cmd, cwd=work, env=run_env, capture_output=True, text=True,
-                                timeout=400)  # fmt: skip
-        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-        yield uri, second.stdout, work
+        t0 = time.time()
+        while not _snapshot_has_checkpoint(client):
+            assert first.poll() is None, "the first run ended before its first checkpoint"
+            assert time.time() - t0 < 240, "no registered checkpoint in the bucket"
+            time.sleep(0.2)
     finally:
-        _stop(mlflow)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    second = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    return uri, second.stdout, work
 
 
 def _mlflow_run(uri: str):
