@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from evaluation.cache import Features
 from pipeline.config import Config, ModelConfig
 from pipeline.encoder_model import pool, pooled_side  # noqa: F401  (re-exported: one pooling)
+from pipeline.storage import is_uri
 
 
 class RawPixels(nn.Module):
@@ -57,7 +58,8 @@ def weights_hash(module: nn.Module, salt: str = "") -> str:
 
 
 def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint file for a path or an MLflow `runs:/<id>/encoder[/generator.pt]` URI.
+    """A local checkpoint file for a path, an MLflow `runs:/<id>/encoder[/generator.pt]` URI, or
+    an object-storage URI (s3://.../checkpoint.pt, through fsspec).
 
     A folder (local or downloaded) must hold `generator.pt`. Raises FileNotFoundError naming the
     URI and the path it resolved to.
@@ -76,6 +78,8 @@ def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | N
                 artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri
             )
         )
+    elif is_uri(uri):
+        path = _download_uri(uri, Path(download_dir))
     else:
         path = Path(uri).expanduser()
     if path.is_dir():
@@ -83,6 +87,25 @@ def resolve_checkpoint(uri: str, download_dir: str | Path, tracking_uri: str | N
     if not path.is_file():
         raise FileNotFoundError(f"encoder checkpoint {uri!r} not found (looked for {path})")
     return path
+
+
+def _download_uri(uri: str, download_dir: Path) -> Path:
+    """Copy an s3:// gs:// checkpoint file (or a folder's generator.pt) into a private folder
+    under `download_dir` (removed again once loaded: `_discard_download`)."""
+    import tempfile
+
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(uri)
+    if fs.isdir(remote):
+        remote = remote.rstrip("/") + "/generator.pt"
+    download_dir.mkdir(parents=True, exist_ok=True)
+    dst = Path(tempfile.mkdtemp(prefix="encoder-", dir=download_dir)) / Path(remote).name
+    try:
+        fs.get(remote, str(dst))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"encoder checkpoint {uri!r} not found ({remote})") from e
+    return dst
 
 
 def _discard_download(path: Path, download_dir: Path) -> None:

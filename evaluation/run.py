@@ -21,6 +21,7 @@ import pandas as pd
 from evaluation import report
 from evaluation.probe import ProbeSettings, c_grid_from
 from evaluation.protocol import ProtocolSettings, evaluate_encoders
+from pipeline.storage import default_sqlite_uri, local_root
 from pipeline.tracking import RunLogger, check_tracking, new_run, tracked_run
 
 # The config fields logged as params, beside one `encoder.<name>` per encoder.
@@ -37,8 +38,10 @@ class ProbeRunConfig:
     test_shards: str
     layers: str = ""  # comma-separated encoder layers ('' = all)
     image_size: int = 32
+    # A local folder, or an s3:// gs:// URI: then the feature cache and report files stay in a
+    # local mirror (pipeline.storage.local_root) and tracking_uri must be set.
     output_root: str = "outputs"
-    tracking_uri: str = ""  # '' = sqlite:///<output_root>/mlflow.db
+    tracking_uri: str = ""  # '' = sqlite:///<output_root>/mlflow.db (local output_root only)
     experiment: str = "context-encoder-probe"
     ray: bool = False  # fan feature extraction out over Ray
     ray_tasks: int = 2
@@ -81,10 +84,13 @@ def protocol_settings(cfg: ProbeRunConfig) -> ProtocolSettings:
 
 def run_probe(cfg: ProbeRunConfig) -> ProbeRunResult:
     """Check the tracking store, (join Ray), run the protocol, log it to a new MLflow run in
-    `cfg.experiment`; outputs under <output_root>/probe/<stamp>/. The run ends FINISHED, or
-    FAILED / KILLED with the exception re-raised (`tracked_run`)."""
-    root = Path(cfg.output_root).resolve()
-    uri = cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    `cfg.experiment`; outputs under <output_root>/probe/<stamp>/ (local: for a URI root, its
+    local mirror). The run ends FINISHED, or FAILED / KILLED with the exception re-raised
+    (`tracked_run`)."""
+    # Parquet caches and report files are read back by path: they stay on local disk, and the
+    # report files reach object storage as MLflow artifacts.
+    root = local_root(cfg.output_root)
+    uri = cfg.tracking_uri or default_sqlite_uri(cfg.output_root, "tracking_uri")
     check_tracking(uri)  # fail before minutes of extraction, not after
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = root / "probe" / stamp

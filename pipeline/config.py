@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.storage import OUTPUT_SCHEMES, default_sqlite_uri, is_uri, scheme
+
 # A key of pipeline.data.masks.MASKS (the mask registry), checked by `validate`: not a Literal,
 # so that a new mask kind is one registry entry.
 MaskKind = str
@@ -106,8 +108,11 @@ class RunConfig:
     # Ray Train run name; "" = <name>-<timestamp>. Running again with the same run_name
     # resumes that run from its last checkpoint (and continues its MLflow run).
     run_name: str = ""
-    output_root: str = "outputs"  # every file a job writes lands under this directory
-    tracking_uri: str = ""  # "" = sqlite:///<output_root>/mlflow.db
+    # Every file a job writes lands under this directory, or this s3:// / gs:// URI (checkpoints
+    # go there through Ray Train; see docs/object_storage.md).
+    output_root: str = "outputs"
+    # "" = sqlite:///<output_root>/mlflow.db; required when output_root is a URI.
+    tracking_uri: str = ""
     address: str = ""  # Ray address; "" = RAY_ADDRESS or a new local Ray
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
@@ -162,10 +167,14 @@ def global_batch(cfg: Config) -> int:
 
 
 def tracking_uri(run: RunConfig) -> str:
-    """The explicit MLflow tracking URI; workers change directory, so it is always absolute."""
+    """The explicit MLflow tracking URI; workers change directory, so it is always absolute.
+    Raises ConfigError when it is unset and run.output_root is an object-storage URI."""
     if run.tracking_uri:
         return run.tracking_uri
-    return "sqlite:///" + str((Path(run.output_root) / "mlflow.db").resolve())
+    try:
+        return default_sqlite_uri(run.output_root, "run.tracking_uri")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -222,6 +231,16 @@ def validate(cfg: Config) -> Config:
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
         (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
+        (
+            not is_uri(cfg.run.output_root) or scheme(cfg.run.output_root) in OUTPUT_SCHEMES,
+            f"run.output_root: {cfg.run.output_root!r} is neither a local path nor one of "
+            f"{', '.join(s + '://' for s in OUTPUT_SCHEMES)}",
+        ),
+        (
+            not is_uri(cfg.run.output_root) or bool(cfg.run.tracking_uri),
+            "run.tracking_uri must be set when run.output_root is an object-storage URI "
+            "(the default sqlite store cannot live in a bucket; see docs/object_storage.md)",
+        ),
     ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config, dump_config, flatten, generator_lr, global_batch, to_dict
 from pipeline.runtime import connect_ray, preflight, resolve_paths
+from pipeline.storage import fs_uri
 from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
 
@@ -18,7 +19,7 @@ class PretrainResult:
     run_name: str
     mlflow_run_id: str
     tracking_uri: str
-    checkpoint_path: str | None
+    checkpoint_path: str | None  # a local path, or a URI when run.output_root is one
     metrics: dict
 
 
@@ -55,5 +56,6 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
     with tracked_run(uri, run_id):
         result = trainer.fit()
-    path = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = result.checkpoint
+    path = fs_uri(ckpt.filesystem, ckpt.path) if ckpt is not None else None  # s3://... in a bucket
     return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}))

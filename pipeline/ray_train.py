@@ -38,6 +38,7 @@ from pipeline.passes import eval_mode, take_batches
 from pipeline.progress import ProgressLog, checkpoint_line, emit
 from pipeline.retry import RetryPolicy
 from pipeline.sample_grid import inpainting_grid
+from pipeline.storage import absolute, join
 from pipeline.tracking import RunLogger
 from pipeline.trainer import Trainer, fit, inpaint
 
@@ -49,8 +50,9 @@ RAY_TRAIN_CONSOLE_LOG_LEVEL = "WARNING"
 
 
 def storage_path(output_root: str) -> str:
-    """Where Ray Train persists checkpoints: absolute, since workers change directory."""
-    return str((Path(output_root) / "ray_results").resolve())
+    """Where Ray Train persists checkpoints: <output_root>/ray_results, an absolute local path
+    (workers change directory) or a URI handed to Ray as it is (pyarrow opens s3:// gs://)."""
+    return join(absolute(output_root), "ray_results")
 
 
 def build_trainer(

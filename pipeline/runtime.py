@@ -1,8 +1,10 @@
 """Where a job runs: starting or joining Ray, and the paths and checks it needs first.
 
     connect_ray / start_local_ray   join $RAY_ADDRESS or a given cluster, else a fresh local Ray
-    resolve_paths                   local relative paths made absolute (workers run elsewhere)
-    preflight                       tracking store and shards checked before Ray starts
+    resolve_paths                   local relative paths made absolute (workers run elsewhere);
+                                    s3:// gs:// URIs kept as they are (pipeline.storage)
+    preflight                       tracking store, shards and output root checked before Ray
+                                    starts
 
 The one place a job decides where it runs; pretraining, the search, the probe and the tests
 all go through it.
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from pipeline.config import Config, tracking_uri
 from pipeline.data.urls import expand_urls, split_urls, url_scheme
+from pipeline.storage import absolute, check_output_root, require_filesystem
 from pipeline.tracking import check_tracking
 
 
@@ -63,13 +66,14 @@ def _absolute_urls(urls: str) -> str:
 
 def resolve_paths(cfg: Config) -> Config:
     """Local relative paths made absolute: Ray workers (and `ray job submit`) run in other
-    directories. This is the resolved config that is logged and handed to the workers."""
+    directories; object-storage URIs are kept verbatim. This is the resolved config that is
+    logged and handed to the workers."""
     data = dataclasses.replace(
         cfg.data,
         train_shards=_absolute_urls(cfg.data.train_shards),
         val_shards=_absolute_urls(cfg.data.val_shards),
     )
-    run = dataclasses.replace(cfg.run, output_root=str(Path(cfg.run.output_root).resolve()))
+    run = dataclasses.replace(cfg.run, output_root=absolute(cfg.run.output_root))
     return dataclasses.replace(cfg, data=data, run=run)
 
 
@@ -77,7 +81,12 @@ def preflight(cfg: Config) -> str:
     """Everything that can fail cheaply, checked before Ray starts. Returns the tracking URI."""
     uri = tracking_uri(cfg.run)
     check_tracking(uri)
+    for key, urls in (("data.train_shards", cfg.data.train_shards),
+                      ("data.val_shards", cfg.data.val_shards)):  # fmt: skip
+        for part in split_urls(urls):
+            require_filesystem(part, key)  # s3fs / gcsfs missing: say which extra
     expand_urls(cfg.data.train_shards)  # raises naming the pattern when nothing matches
     if cfg.data.val_shards:
         expand_urls(cfg.data.val_shards)
+    check_output_root(cfg.run.output_root)
     return uri

@@ -81,7 +81,10 @@ def _opener(url: str) -> tuple[Callable[[int], IO[bytes]], bool]:
         from webdataset import gopen  # the function, not the module of the same name
 
         return _dropping(lambda: gopen(url, "rb")), False
-    return _seeking(lambda: fsspec.open(url, "rb", block_size=_FSSPEC_BLOCK).open()), True
+    # block_size goes to the file, not to fsspec.open: there it would be a filesystem option,
+    # and s3fs hands unknown options to its botocore session, which rejects them.
+    fs, path = fsspec.core.url_to_fs(url)
+    return _seeking(lambda: fs.open(path, "rb", block_size=_FSSPEC_BLOCK)), True
 
 
 def _seeking(open_fn: Callable[[], IO[bytes]]) -> Callable[[int], IO[bytes]]:

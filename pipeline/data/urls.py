@@ -75,9 +75,11 @@ def _expand_remote(part: str) -> list[str]:
 
     found = []
     for url in urls:
-        fs, _, paths = fsspec.get_fs_token_paths(url)
+        # url_to_fs, not get_fs_token_paths: that one already expands the glob, and globbing
+        # its first match again kept only the first shard.
+        fs, path = fsspec.core.url_to_fs(url)
         protocol = url.split("://", 1)[0]
-        found += sorted(f"{protocol}://{p.split('://')[-1]}" for p in fs.glob(paths[0]))
+        found += sorted(f"{protocol}://{p.split('://')[-1]}" for p in fs.glob(path))
     if not found:
         raise FileNotFoundError(f"no shard matches {part!r}")
     return found
