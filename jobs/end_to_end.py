@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs._cli import Work, prog_name, run_cli, run_main
+from pipeline.storage import is_uri
 
 if TYPE_CHECKING:
     from pipeline.pretrain import PretrainResult
@@ -121,7 +122,7 @@ def score(root: Path, splits: Splits, chosen: Selected, layers: str, t0: float) 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name(*PROG), description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    p.add_argument("--output-root", default="outputs/e2e")
+    p.add_argument("--output-root", default="outputs/e2e", help="a local folder")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--trials", type=int, default=4, help="Tune trials")
     p.add_argument("--trial-steps", type=int, default=90, help="steps per Tune trial")
@@ -136,6 +137,10 @@ def prepare(argv: list[str] | None = None) -> Work:
              if getattr(args, k) < 1]  # fmt: skip
     if small:
         raise ValueError(f"{', '.join(small)} must be >= 1")
+    if is_uri(args.output_root):
+        # The laptop demo keeps its shards and sqlite MLflow store on local disk; the jobs it
+        # chains take object-storage roots one by one (docs/object_storage.md).
+        raise ValueError(f"--output-root must be a local folder, got {args.output_root}")
     return lambda: run_all(args)
 
 

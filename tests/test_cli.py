@@ -149,6 +149,12 @@ def test_end_to_end_flag_errors_exit_2(capsys):
     assert_one_line(err, "--steps", "--trials")
 
 
+def test_end_to_end_refuses_an_object_storage_root(capsys):
+    code, _, err = exit_of(end_to_end.cli, ["--output-root", "s3://bucket/e2e"], capsys)
+    assert code == 2
+    assert_one_line(err, "--output-root", "s3://bucket/e2e")
+
+
 # ---- the wrapper's rule: only the check phase's errors are the user's -----------------------
 
 

@@ -15,6 +15,7 @@ from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.search.settings import MODES, TuneSettings
 from pipeline.search.space import build_space, trial_config
 from pipeline.search.trial import close_stopped_trials, run_trial
+from pipeline.storage import absolute, join, local_root
 from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 
 SCORE_COLUMNS = ("trial_id", "step", "training_iteration", "val_rec_l2", "val_fill_l2", "knn_top1")
@@ -45,19 +46,20 @@ def run_search(settings: TuneSettings, base: dict, address: str = "") -> SearchR
     space = build_space(settings, base)
     uri = preflight(base_cfg)
     print(f"[tune] {connect_ray(address or base_cfg.run.address)}; MLflow at {uri}", flush=True)
-    root = (Path(base_cfg.run.output_root) / "tune" / settings.name).resolve()
+    # A string, not a Path: the output root may be an object-storage URI (pipeline.storage).
+    root = join(absolute(base_cfg.run.output_root), "tune", settings.name)
     parent_id, resumed = start_or_resume_run(uri, base_cfg.run.name, settings.name,
                                              tags={"ce.kind": "search"})  # fmt: skip
     if not resumed:
         RunLogger(uri, parent_id).params({f"search.{k}": v for k, v in settings.space.items()})
     trainable = _trainable(settings, base, root, uri, parent_id)
-    tuner = _tuner(trainable, space, settings, base_cfg, root / "ray_tune")
+    tuner = _tuner(trainable, space, settings, base_cfg, join(root, "ray_tune"))
     with tracked_run(uri, parent_id):
         results = tuner.fit()
         return _write_results(results, settings, base, root, uri, parent_id)
 
 
-def _trainable(settings: TuneSettings, base: dict, root: Path, uri: str, parent_id: str):
+def _trainable(settings: TuneSettings, base: dict, root: str, uri: str, parent_id: str):
     from ray import tune
 
     return tune.with_resources(
@@ -65,7 +67,7 @@ def _trainable(settings: TuneSettings, base: dict, root: Path, uri: str, parent_
             run_trial,
             base=base,
             settings=settings,
-            root=str(root),
+            root=root,
             uri=uri,
             parent_run_id=parent_id,
         ),  # fmt: skip
@@ -76,17 +78,17 @@ def _trainable(settings: TuneSettings, base: dict, root: Path, uri: str, parent_
     )
 
 
-def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tune_dir: Path):
+def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tune_dir: str):
     """A new Tuner, or the interrupted one restored from `tune_dir` (errored trials retried)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    if tune.Tuner.can_restore(str(tune_dir / settings.name)):
-        print(f"[tune] resuming the search in {tune_dir / settings.name}", flush=True)
-        return tune.Tuner.restore(str(tune_dir / settings.name), trainable,
-                                  resume_errored=True)  # fmt: skip
+    previous = join(tune_dir, settings.name)
+    if tune.Tuner.can_restore(previous):
+        print(f"[tune] resuming the search in {previous}", flush=True)
+        return tune.Tuner.restore(previous, trainable, resume_errored=True)
     concurrency = concurrent_trials(settings, base_cfg, ray.cluster_resources().get("CPU", 1))
     return tune.Tuner(
         trainable,
@@ -99,20 +101,22 @@ def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tun
                                     reduction_factor=settings.asha.reduction_factor),
         ),
         run_config=tune.RunConfig(
-            name=settings.name, storage_path=str(tune_dir),
+            name=settings.name, storage_path=tune_dir,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),
     )  # fmt: skip
 
 
-def _write_results(results, settings: TuneSettings, base: dict, root: Path, uri: str,
+def _write_results(results, settings: TuneSettings, base: dict, root: str, uri: str,
                    parent_id: str) -> SearchResult:  # fmt: skip
-    """trials.parquet / .csv (best first) and best_config.yaml under `root`, logged to the
-    parent run with the best score; stopped trials' runs closed."""
+    """trials.parquet / .csv (best first) and best_config.yaml under `root` (its local mirror
+    for a URI root: pipeline.storage.local_root), logged to the parent run with the best score;
+    stopped trials' runs closed."""
     metric, mode = settings.objective, MODES[settings.objective]
     table = results.get_dataframe(filter_metric=metric, filter_mode=mode)
     keep = [c for c in table.columns if c.startswith("config/") or c in SCORE_COLUMNS]
     table = table[keep].sort_values(metric, ascending=mode == "min")
+    root = local_root(root)
     root.mkdir(parents=True, exist_ok=True)
     table.to_parquet(root / "trials.parquet", index=False)
     table.to_csv(root / "trials.csv", index=False)

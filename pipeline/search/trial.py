@@ -5,13 +5,13 @@ finding the encoder of the best trial that finished.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import flatten, to_dict
 from pipeline.search.scoring import KnnScore
 from pipeline.search.settings import TuneSettings
 from pipeline.search.space import trial_config
+from pipeline.storage import join
 from pipeline.tracking import RunLogger, client, start_or_resume_run, tracked_run
 
 
@@ -27,7 +27,7 @@ def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, roo
     run_name = f"{settings.name}-{trial_id}"
     # Trials never register their encoder: a search would add one model version per trial.
     cfg = trial_config(
-        base, params, output_root=str(Path(root) / "trials"), run_name=run_name, register_model=""
+        base, params, output_root=join(root, "trials"), run_name=run_name, register_model=""
     )
     tags = {"mlflow.parentRunId": parent_run_id, "ce.trial_id": trial_id}
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, run_name, tags=tags)
