@@ -23,7 +23,7 @@ from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.passes import eval_mode, take_batches
 from pipeline.sample_grid import inpainting_grid
-from pipeline.tracking import RunLogger
+from pipeline.tracking import RunLogger, spool_dir
 from pipeline.trainer import Trainer, fit, inpaint
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -87,7 +87,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        # Asynchronous: a step never waits on the tracking server, and an outage is spooled
+        # under the output root (a resumed rank 0 sends that spool first).
+        logger = RunLogger(
+            loop_config["tracking_uri"], loop_config["mlflow_run_id"],
+            spool_dir=spool_dir(cfg.run.output_root),
+        )  # fmt: skip
+        logger.system_metrics(cfg.run.system_metrics_every_s)
         if resumed_from is not None:
             # The restart is visible in the run: a marker metric at the step it continued from.
             logger.metrics({"resumed_from_step": resumed_from}, step=resumed_from)
@@ -107,15 +113,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
         _report(t, rank, scores)
 
-    fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
-    steps = _steps_per_rank(trainer.step, world)
-    if logger is not None:
-        logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
-        logger.tag("ce.world_size", str(world))
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / Path(ENCODER_ARTIFACT).name
-            save_encoder(path, trainer.g, cfg)
-            logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
+    try:
+        fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
+        steps = _steps_per_rank(trainer.step, world)
+        if logger is not None:
+            logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
+            logger.tag("ce.world_size", str(world))
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / Path(ENCODER_ARTIFACT).name
+                save_encoder(path, trainer.g, cfg)
+                logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
+    finally:
+        if logger is not None:  # bounded: what is still unsent stays in the spool
+            print(logger.close(cfg.run.tracking_flush_timeout_s), flush=True)
 
 
 def _steps_per_rank(step: int, world: int) -> list[int]:
@@ -174,7 +184,9 @@ def _checkpoint_scores(
         if scores:
             logger.metrics(scores, step=t.step)
         if val and t.step % t.cfg.train.sample_every < t.cfg.train.checkpoint_every:
-            logger.png(_sample_grid(t, val[0]), f"samples/step_{t.step:07d}.png")
+            grid = _sample_grid(t, val[0])
+            logger.png(grid, f"samples/step_{t.step:07d}.png")
+            logger.image(grid, key="samples", step=t.step)  # MLflow's step slider
     return scores
 
 
