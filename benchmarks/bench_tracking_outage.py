@@ -70,6 +70,7 @@ def tracked(server: MlflowServer, root: Path, name: str, steps: int, width: int,
             restarts[0].start()
 
     seconds = loop(tiny_trainer(width), steps, logger, on_step)
+    print(f"[bench] {name}: {steps} steps in {seconds:.1f} s; flushing", flush=True)
     for t in restarts:
         t.join()
     t0 = time.perf_counter()
@@ -90,6 +91,7 @@ def main() -> None:
         root = Path(d)
         server = MlflowServer(root)
         server.start()
+        print(f"[bench] server up at {server.uri}", flush=True)
         try:
             loop(tiny_trainer(args.width), 20, None)  # warm-up
             base = loop(tiny_trainer(args.width), args.steps, None)

@@ -278,7 +278,10 @@ class RunLogger:
         """Sample CPU, memory, disk, network (and GPU where present) every `interval_s` seconds
         as `system/...` metrics at the current training step, through this logger."""
         if interval_s > 0 and self._monitor is None:
-            self._monitor = SystemMetrics(self, interval_s)
+            try:
+                self._monitor = SystemMetrics(self, interval_s)
+            except ImportError as e:  # psutil missing: a run without system/* metrics, said once
+                print(f"[tracking] WARNING: no system metrics ({e})", flush=True)
 
     def close(self, timeout_s: float = 60.0) -> str:
         """Stop the system metrics, send what is queued for at most `timeout_s` seconds and
