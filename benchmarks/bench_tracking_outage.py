@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     args = p.parse_args()
     torch.manual_seed(0)
+    # One thread, as a rank does with cpus_per_worker=1: on a shared machine OpenMP barriers
+    # under contention turn a 60 ms step into seconds.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         server = MlflowServer(root)
