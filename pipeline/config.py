@@ -126,6 +126,10 @@ class RunConfig:
     # upload_backoff_s, 2x, ...); then the run fails with an error naming the storage path.
     upload_retries: int = 3
     upload_backoff_s: float = 1.0
+    # End of a run: how long rank 0 waits to send what it still queues for MLflow (a tracking
+    # server outage); the rest stays in <output_root>/tracking_spool, sent on resume.
+    tracking_flush_timeout_s: float = 60.0
+    system_metrics_every_s: float = 10.0  # rank 0 logs system/* metrics this often; 0 = off
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.lr_g >= 0, "train.lr_g must be >= 0 (0 = derived from lr_d)"),
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
         (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
+        (cfg.run.tracking_flush_timeout_s >= 0, "run.tracking_flush_timeout_s must be >= 0"),
+        (cfg.run.system_metrics_every_s >= 0, "run.system_metrics_every_s must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
         (
             not is_uri(cfg.run.output_root) or scheme(cfg.run.output_root) in OUTPUT_SCHEMES,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline.config import Config, dump_config, flatten, generator_lr, global_batch, to_dict
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.storage import fs_uri
-from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
+from pipeline.tracking import RunLogger, log_shards_input, start_or_resume_run, tracked_run
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
         logger = RunLogger(uri, run_id)
         logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
         logger.bytes(dump_config(cfg).encode(), "config.yaml")  # the resolved config, once
+        log_shards_input(uri, run_id, cfg.data.train_shards, "train")
+        if cfg.data.val_shards:
+            log_shards_input(uri, run_id, cfg.data.val_shards, "validation")
     print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}")
     print(f"[pretrain] global batch {global_batch(cfg)} ({cfg.data.batch_size} x "
           f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "

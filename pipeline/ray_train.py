@@ -39,7 +39,7 @@ from pipeline.progress import ProgressLog, checkpoint_line, emit
 from pipeline.retry import RetryPolicy
 from pipeline.sample_grid import inpainting_grid
 from pipeline.storage import absolute, join
-from pipeline.tracking import RunLogger
+from pipeline.tracking import RunLogger, spool_dir
 from pipeline.trainer import Trainer, fit, inpaint
 
 ENCODER_ARTIFACT = "encoder/generator.pt"  # evaluation loads runs:/<run_id>/encoder/generator.pt
@@ -119,7 +119,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        # Asynchronous: a step never waits on the tracking server, and an outage is spooled
+        # under the output root (a resumed rank 0 sends that spool first).
+        logger = RunLogger(
+            loop_config["tracking_uri"], loop_config["mlflow_run_id"],
+            spool_dir=spool_dir(cfg.run.output_root),
+        )  # fmt: skip
+        logger.system_metrics(cfg.run.system_metrics_every_s)
         if resumed_from is not None:
             # The restart is visible in the run: a marker metric at the step it continued from.
             logger.metrics({"resumed_from_step": resumed_from}, step=resumed_from)
@@ -152,20 +158,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             emit(checkpoint_line(t.step, scores))
         _report(t, rank, scores, _upload_policy(cfg))
 
-    fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
-    steps = _steps_per_rank(trainer.step, world)
-    if rank == 0:
-        emit(progress.end(trainer.step))
-    if logger is not None:
-        logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
-        logger.tag("ce.world_size", str(world))
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / Path(ENCODER_ARTIFACT).name
-            save_encoder(path, trainer.g, cfg)
-            logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
-        # The same weights as a loadable MLflow Model (encoder only; generator.pt inpaints).
+    try:
+        fit(trainer, loader_for_epoch, on_log=on_log, on_checkpoint=on_checkpoint)
+        steps = _steps_per_rank(trainer.step, world)
+        if rank == 0:
+            emit(progress.end(trainer.step))
+        if logger is not None:
+            logger.tag("ce.steps_per_rank", ",".join(map(str, steps)))
+            logger.tag("ce.world_size", str(world))
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / Path(ENCODER_ARTIFACT).name
+                save_encoder(path, trainer.g, cfg)
+                logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
+            _log_encoder_model(trainer, cfg, loop_config)
+    finally:
+        if logger is not None:  # bounded: what is still unsent stays in the spool
+            print(logger.close(cfg.run.tracking_flush_timeout_s), flush=True)
+
+
+def _log_encoder_model(trainer: Trainer, cfg: Config, loop_config: dict[str, Any]) -> None:
+    """The same weights as a loadable MLflow Model (encoder only; generator.pt inpaints).
+    A synchronous MLflow call: when the server is down at the very end it is skipped with a
+    warning, never failing a finished run (generator.pt is already queued in the spool)."""
+    try:
         log_encoder_model(trainer.g.state_dict(), cfg, loop_config["tracking_uri"],
                           loop_config["mlflow_run_id"], cfg.run.register_model)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - tracking must never fail a finished training run
+        warnings.warn(
+            f"could not log the encoder as an MLflow Model ({type(e).__name__}: {e}); the "
+            f"run's encoder/generator.pt holds the same weights",
+            stacklevel=1,
+        )
 
 
 def _steps_per_rank(step: int, world: int) -> list[int]:
@@ -276,7 +299,9 @@ def _checkpoint_scores(
         if scores:
             logger.metrics(scores, step=t.step)
         if val and t.step % t.cfg.train.sample_every < t.cfg.train.checkpoint_every:
-            logger.png(_sample_grid(t, val[0]), f"samples/step_{t.step:07d}.png")
+            grid = _sample_grid(t, val[0])
+            logger.png(grid, f"samples/step_{t.step:07d}.png")
+            logger.image(grid, key="samples", step=t.step)  # MLflow's step slider
     return scores
 
 

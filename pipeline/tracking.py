@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.tracking_queue import TrackingQueue
+from pipeline.tracking_send import MlflowSender, is_permanent
+from pipeline.tracking_spool import Spool
 
 RUN_NAME_TAG = "ce.run_name"  # ties an MLflow run to the Ray Train run it tracks (for resume)
 
@@ -102,12 +110,27 @@ def tracked_run(uri: str, run_id: str) -> Iterator[str]:
     try:
         yield run_id
     except STOPPED:
-        end_run(uri, run_id, "KILLED")
+        _close_run(uri, run_id, "KILLED")
         raise
     except BaseException:
-        end_run(uri, run_id, "FAILED")
+        _close_run(uri, run_id, "FAILED")
         raise
-    end_run(uri, run_id, "FINISHED")
+    _close_run(uri, run_id, "FINISHED")
+
+
+def _close_run(uri: str, run_id: str, status: str) -> None:
+    """end_run with MLflow's HTTP retries bounded, and never raising: the work the block did
+    (a finished training run, its checkpoints) must not be failed, nor its own error hidden, by
+    a tracking server that is down at the very end. The run then stays RUNNING in MLflow and the
+    next resume of it (start_or_resume_run) or `mlflow` itself can close it."""
+    before = _set_env(BOUNDED_HTTP_ENV | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"})
+    try:
+        end_run(uri, run_id, status)
+    except Exception as e:  # noqa: BLE001 - any client error: report, never mask the outcome
+        print(f"[tracking] could not mark run {run_id} {status} at {uri} ({type(e).__name__}: "
+              f"{e}); it stays RUNNING there", file=sys.stderr, flush=True)  # fmt: skip
+    finally:
+        _set_env(before)
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
@@ -115,16 +138,93 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
-class RunLogger:
-    """Logs metrics, params, images and files to one MLflow run from one process (rank 0)."""
+def log_shards_input(uri: str, run_id: str, shards: str, context: str) -> str:
+    """Log a shard set as a dataset input of the run (MLflow's "Datasets" column): its source is
+    the folder of the first shard, its digest a sha256 of the expanded shard URLs and of the
+    manifest.json beside them, so runs on the same data show the same digest. `context`: "train"
+    or "validation". Returns the digest."""
+    import hashlib
+    import warnings
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from pipeline.data import expand_urls
+    from pipeline.data.manifest import MANIFEST
+    from pipeline.data.open import read_beside
+
+    urls = expand_urls(shards)
+    h = hashlib.sha256("\n".join(urls).encode())
+    for folder in sorted({u.rsplit("/", 1)[0] for u in urls}):
+        h.update(read_beside(f"{folder}/x", MANIFEST) or b"no manifest")
+    digest = h.hexdigest()[:16]
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": same class twice
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(urls[0].rsplit("/", 1)[0])
+    name = f"{context}_shards"
+    dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+    tags = [InputTag("mlflow.data.context", context), InputTag("ce.shards", shards[:5000]),
+            InputTag("ce.num_shards", str(len(urls)))]  # fmt: skip
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    return digest
+
+
+# MLflow's HTTP client retries a request for minutes by default (7 retries, 120 s timeout). The
+# sender thread backs off on its own, so each of its requests gets one short try. Environment
+# variables are per process: a worker's asynchronous RunLogger sets them while it is open.
+BOUNDED_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+SPOOL_DIR = "tracking_spool"  # under the run's output root
+REPLAY_COMMAND = "python -m jobs.replay_tracking --tracking-uri {uri} --spool-dir {dir}"
+
+
+def spool_dir(output_root: str | Path) -> Path:
+    """Where rank 0 keeps what it could not send to the tracking server yet: a local folder
+    (for an object-storage output root, its local mirror: pipeline.storage.local_root)."""
+    from pipeline.storage import local_root
+
+    return local_root(str(output_root)) / SPOOL_DIR
+
+
+class RunLogger:
+    """Logs metrics, params, images and files to one MLflow run from one process (rank 0).
+
+    Without `spool_dir` every call is synchronous (job-level, one-shot logging). With it, every
+    call returns at once: entries go through a `TrackingQueue` whose sender thread survives a
+    tracking-server outage, keeping what it cannot send in `<spool_dir>/<run_id>.jsonl` and
+    sending it, in order and exactly once, when the server is back or when a logger for the
+    same run opens that spool again. Call `close` at the end (it bounds the final flush)."""
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        spool_dir: str | Path | None = None,
+        *,
+        max_memory: int = 1000,
+        max_backoff_s: float = 10.0,
+    ) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri)
+        self._queue: TrackingQueue | None = None
+        self._monitor: SystemMetrics | None = None
+        self.last_step = 0
+        if spool_dir is not None:
+            self._saved_env = _set_env(BOUNDED_HTTP_ENV)
+            self.spool = Spool(spool_dir, run_id)
+            self._queue = TrackingQueue(
+                MlflowSender(self._client, run_id), self.spool, is_permanent=is_permanent,
+                max_memory=max_memory, max_backoff_s=max_backoff_s,
+            )  # fmt: skip
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if self._queue is not None:  # the sender skips keys the run already has
+            items = [(k, str(v)) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self._queue.put("params", params=dict(items[i : i + 100]))
+            return
         existing = self._client.get_run(self.run_id).data.params
         # MLflow params are immutable; a resumed run logs only what it has not logged yet.
         new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
@@ -135,6 +235,10 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        self.last_step = step
+        if self._queue is not None:
+            self._queue.put("metrics", rows=[[k, float(v), now, step] for k, v in metrics.items()])
+            return
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch)
 
@@ -144,9 +248,25 @@ class RunLogger:
         image.save(buf, format="PNG")
         self.bytes(buf.getvalue(), artifact_file)
 
+    def image(self, image, key: str, step: int) -> None:
+        """`image`: a PIL image, logged as step `step` of the image series `key` (MLflow's UI
+        shows a step slider)."""
+        ts = int(time.time() * 1000)
+        if self._queue is None:
+            self._client.log_image(self.run_id, image, key=key, step=step, timestamp=ts)
+            return
+        path = self._queue.stage(f"{key.replace('/', '_')}.png")
+        image.save(path, format="PNG")
+        self._queue.put("image", file=str(path), key=key, step=step, ts=ts)
+
     def bytes(self, data: bytes, artifact_file: str) -> None:
         import tempfile
 
+        if self._queue is not None:
+            path = self._queue.stage(Path(artifact_file).name)
+            path.write_bytes(data)
+            self._put_artifact(path, artifact_file)
+            return
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / Path(artifact_file).name
             path.write_bytes(data)
@@ -154,7 +274,91 @@ class RunLogger:
             self.file(path, None if parent == "." else parent)
 
     def file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._queue is not None:
+            # A copy: the caller's file (often in a temporary folder) may be gone by send time.
+            staged = self._queue.stage(Path(path).name)
+            shutil.copyfile(path, staged)
+            self._queue.put("artifact", file=str(staged), artifact_path=artifact_path)
+            return
         self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
+    def _put_artifact(self, staged: Path, artifact_file: str) -> None:
+        parent = Path(artifact_file).parent.as_posix()
+        artifact_path = None if parent == "." else parent
+        self._queue.put("artifact", file=str(staged), artifact_path=artifact_path)
+
     def tag(self, key: str, value: str) -> None:
+        if self._queue is not None:
+            self._queue.put("tags", tags={key: str(value)})
+            return
         self._client.set_tag(self.run_id, key, value)
+
+    def system_metrics(self, interval_s: float) -> None:
+        """Sample CPU, memory, disk, network (and GPU where present) every `interval_s` seconds
+        as `system/...` metrics at the current training step, through this logger."""
+        if interval_s > 0 and self._monitor is None:
+            try:
+                self._monitor = SystemMetrics(self, interval_s)
+            except ImportError as e:  # psutil missing: a run without system/* metrics, said once
+                print(f"[tracking] WARNING: no system metrics ({e})", flush=True)
+
+    def close(self, timeout_s: float = 60.0) -> str:
+        """Stop the system metrics, send what is queued for at most `timeout_s` seconds and
+        keep the rest in the spool. Returns the line saying which happened."""
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        if self._queue is None:
+            return "[tracking] sent (synchronous)"
+        queue, self._queue = self._queue, None
+        left = queue.close(timeout_s)
+        _set_env(self._saved_env)
+        outage = f"; outage: {queue.stats.tag_value()}" if queue.stats.outages else ""
+        if left == 0:
+            return f"[tracking] all {queue.sent} entries sent to {self.uri}{outage}"
+        replay = REPLAY_COMMAND.format(uri=self.uri, dir=self.spool.root)
+        return (
+            f"[tracking] {left} entries NOT sent to {self.uri} within {timeout_s:g} s{outage}; "
+            f"kept in {self.spool.path}: they are sent when this run resumes (same "
+            f"run.run_name) or by `{replay}`"
+        )
+
+
+def _set_env(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (None: unset) environment variables; returns their previous values."""
+    before = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return before
+
+
+class SystemMetrics:
+    """MLflow's system monitors (`SystemMetricsMonitor`: CPU, memory, disk, network, GPU),
+    sampled on a thread of our own and logged through the RunLogger's queue. MLflow's own loop
+    calls the server synchronously at every sample and stops for good at the first failure."""
+
+    def __init__(self, logger: RunLogger, interval_s: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._sampler = SystemMetricsMonitor(logger.run_id, tracking_uri=logger.uri)
+        self._logger, self._interval_s = logger, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self._sampler.collect_metrics()  # CPU percentages are measured between two samples
+        while not self._stop.wait(self._interval_s):
+            self._sampler.collect_metrics()
+            metrics = self._sampler.aggregate_metrics()
+            for monitor in self._sampler.monitors:
+                monitor.clear_metrics()
+            system = {f"system/{k}": v for k, v in metrics.items()}
+            self._logger.metrics(system, step=self._logger.last_step)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -52,3 +52,22 @@ def test_a_resumed_run_is_the_same_run_and_ends_again(uri):
     run = client(uri).get_run(again)
     assert run.info.status == "FINISHED"
     assert run.data.tags[RUN_NAME_TAG] == "resumable" and run.data.tags["k"] == "v"
+
+
+def test_tracked_run_survives_a_server_gone_at_the_end(capsys):
+    """A tracking server that is down when the block ends neither fails finished work nor hides
+    the block's own error; the attempt is bounded and reported."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.perf_counter()
+    with tracked_run(uri, "0123abcd") as got:
+        assert got == "0123abcd"
+    with pytest.raises(ValueError, match="own error"), tracked_run(uri, "0123abcd"):
+        raise ValueError("own error")
+    assert time.perf_counter() - t0 < 60
+    err = capsys.readouterr().err
+    assert "could not mark run 0123abcd FINISHED" in err and "FAILED" in err
