@@ -12,7 +12,7 @@ which the upload writes after every other file: a folder whose manifest is missi
 files do not match it, was cut off mid-upload (or damaged since) and is never resumed from.
 `choose_checkpoint` picks the newest complete folder of a run. Storage is a pyarrow filesystem
 (local, s3://, gs://): no Ray here; pipeline.ray_train passes Ray's storage in. See
-docs/reliability-checkpoints.md.
+docs/reliability.md.
 """
 
 from __future__ import annotations
