@@ -165,3 +165,18 @@ def test_schedule_and_settings_errors():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         fit_streaming_probe(tmp_path / "nope.parquet", FAST)
+
+
+def test_protocol_and_job_flag_select_the_streaming_probe(problem):
+    from evaluation.protocol import _layer_metrics
+    from evaluation.run import protocol_settings
+    from jobs.probe import config_from, parse_args
+
+    argv = ["--train-shards", "a.tar", "--test-shards", "b.tar", "--probe", "streaming"]
+    assert protocol_settings(config_from(parse_args(argv))).probe_kind == "streaming"
+    assert protocol_settings(config_from(parse_args(argv[:4]))).probe_kind == "sklearn"
+    train, test = cache.load(problem["train"]), cache.load(problem["test"])
+    s = ProtocolSettings(probe_kind="streaming", streaming=FAST, knn_k=5)
+    metrics, pred = _layer_metrics(train, test, (problem["train"], problem["test"]), s)
+    assert metrics["probe_epochs"] == FAST.epochs and "knn_top1" in metrics
+    assert (pred == test.labels).mean() == pytest.approx(metrics["probe_top1"])
