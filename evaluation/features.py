@@ -206,15 +206,41 @@ def _finish(keys: list[str], labels: list[np.ndarray], parts: list[np.ndarray]) 
     )
 
 
+def extraction_device() -> torch.device:
+    """Where features are computed: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def extract(
-    module: nn.Module, layers: Sequence[str], batches: Iterable[dict], max_dim: int
+    module: nn.Module,
+    layers: Sequence[str],
+    batches: Iterable[dict],
+    max_dim: int,
+    device: torch.device | None = None,
 ) -> dict[str, Features]:
     """One pass over `batches`: every layer in `layers`, pooled, for the clean images.
 
     Rows where batch["valid"] is False (padding repeats) are dropped; rows come back sorted by
-    key. Eval mode, no gradients.
+    key. Eval mode, no gradients. Runs on `device` (default: `extraction_device()`); the module
+    is moved back to the device it came from afterwards, since inpainting then uses it on CPU
+    batches.
     """
-    module.eval()
+    device = device or extraction_device()
+    home = next(module.parameters(), torch.empty(0)).device
+    module.eval().to(device)
+    try:
+        return _extract(module, layers, batches, max_dim, device)
+    finally:
+        module.to(home)
+
+
+def _extract(
+    module: nn.Module,
+    layers: Sequence[str],
+    batches: Iterable[dict],
+    max_dim: int,
+    device: torch.device,
+) -> dict[str, Features]:
     keys: list[str] = []
     labels: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
@@ -230,9 +256,9 @@ def extract(
             if "label" not in batch:
                 raise ValueError(f"batch without labels (sample keys {batch['key'][:3]}...): "
                                  "probing needs a `cls` member in every sample")  # fmt: skip
-            out = module.encode(batch["image"][valid], list(layers))
+            out = module.encode(batch["image"][valid].to(device), list(layers))
             for layer in layers:
-                parts[layer].append(pool(out[layer], max_dim).numpy())
+                parts[layer].append(pool(out[layer], max_dim).cpu().numpy())
             keys.extend(k for k, v in zip(batch["key"], valid.tolist(), strict=True) if v)
             labels.append(batch["label"][valid].numpy().astype(np.int64))
     if not keys:

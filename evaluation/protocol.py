@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from evaluation import report
-from evaluation.cache import Features
+from evaluation.cache import CacheKey, Features
 from evaluation.extraction import SplitSpec, split_features
 from evaluation.features import (
     Encoder,
@@ -34,6 +34,7 @@ from evaluation.features import (
 from evaluation.inpainting import evaluate_inpainting
 from evaluation.knn import knn_classify
 from evaluation.probe import ProbeSettings, fit_probe, predict, score_probe
+from evaluation.streaming_probe import StreamingSettings, fit_streaming_probe, score_streaming_probe
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,42 @@ class ProtocolSettings:
     batch_size: int = 256
     max_dim: int = 4096  # pooled feature size per layer
     probe: ProbeSettings = field(default_factory=ProbeSettings)
+    # "sklearn": lbfgs on the features in memory; "streaming": a torch linear head trained on
+    # chunks streamed from the Parquet cache (evaluation.streaming_probe), for layers too big
+    # for RAM (kNN still reads the features in memory).
+    probe_kind: str = "sklearn"
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
     knn_k: int = 20
     knn_temperature: float = 0.07
     inpaint_images: int = 2000  # held-out images scored for inpainting (0 = the whole split)
     baselines: tuple[str, ...] = (RANDOM_INIT, RAW_PIXELS)
     seed: int = 0  # random-init baseline weights
 
+    def __post_init__(self) -> None:
+        if self.probe_kind not in PROBE_KINDS:
+            raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
+
+
+PROBE_KINDS = ("sklearn", "streaming")
+
+
+def _probe(
+    train: Features, test: Features, files: tuple[Path, Path], s: ProtocolSettings
+) -> tuple[dict[str, float], np.ndarray]:
+    """The linear probe of `s.probe_kind`: (metrics, test predictions). The streaming one reads
+    the layer's cache files (train, test), not the arrays."""
+    if s.probe_kind == "streaming":
+        fit = fit_streaming_probe(files[0], s.streaming)
+        return score_streaming_probe(fit, files[1], s.streaming.chunk_rows)
+    fit = fit_probe(train.x, train.labels, s.probe)
+    return score_probe(fit, test.x, test.labels), predict(fit, test.x)
+
 
 def _layer_metrics(
-    train: Features, test: Features, s: ProtocolSettings
+    train: Features, test: Features, files: tuple[Path, Path], s: ProtocolSettings
 ) -> tuple[dict[str, float], np.ndarray]:
     """Probe + kNN on one layer: (metrics, test predictions of the probe)."""
-    fit = fit_probe(train.x, train.labels, s.probe)
-    metrics = score_probe(fit, test.x, test.labels)
+    metrics, pred = _probe(train, test, files, s)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     metrics |= knn_classify(
         train.x,
@@ -72,7 +96,7 @@ def _layer_metrics(
         temperature=s.knn_temperature,
     )
     metrics["feature_dim"] = float(train.x.shape[1])
-    return metrics, predict(fit, test.x)
+    return metrics, pred
 
 
 def _inpaint_batches(encoder: Encoder, urls: str, image_size: int, s: ProtocolSettings):
@@ -181,7 +205,15 @@ def evaluate_encoders(
             for split, sp in spec.items()
         }
         for layer in chosen:
-            metrics, pred = _layer_metrics(feats["train"][layer], feats["test"][layer], settings)
+            files = tuple(
+                CacheKey(enc.weights, spec[n].split_key(), spec[n].transform_key(), layer).path(
+                    cache_dir
+                )
+                for n in ("train", "test")
+            )
+            metrics, pred = _layer_metrics(
+                feats["train"][layer], feats["test"][layer], files, settings
+            )
             rows += report.rows_for(enc.name, layer, metrics)
             predictions[enc.name, layer] = (feats["test"][layer].labels, pred)
             log.info("%s/%s: %s", enc.name, layer, metrics)

@@ -21,12 +21,13 @@ import pandas as pd
 from evaluation import report
 from evaluation.probe import ProbeSettings, c_grid_from
 from evaluation.protocol import ProtocolSettings, evaluate_encoders
+from evaluation.streaming_probe import StreamingSettings
 from pipeline.storage import default_sqlite_uri, local_root
 from pipeline.tracking import RunLogger, check_tracking, new_run, tracked_run
 
 # The config fields logged as params, beside one `encoder.<name>` per encoder.
 LOGGED = ("train_shards", "test_shards", "layers", "image_size", "max_dim", "c_grid",
-          "sweep_max_samples", "max_iter", "tol", "ray")  # fmt: skip
+          "sweep_max_samples", "max_iter", "tol", "ray", "probe")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class ProbeRunConfig:
     max_iter: int = ProbeSettings.max_iter
     tol: float = ProbeSettings.tol
     inpaint_images: int = 2000
+    # "sklearn" (features in memory) or "streaming" (a torch head on chunks of the Parquet
+    # cache, for layers too big for RAM: evaluation/streaming_probe.py)
+    probe: str = "sklearn"
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ def protocol_settings(cfg: ProbeRunConfig) -> ProtocolSettings:
             tol=cfg.tol,
         ),
         inpaint_images=cfg.inpaint_images,
+        probe_kind=cfg.probe,
+        streaming=StreamingSettings(c_grid=grid),
     )
 
 

@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=D.tol, help="lbfgs gradient tol")
     p.add_argument("--inpaint-images", type=int, default=D.inpaint_images)
     p.add_argument(
+        "--probe",
+        choices=("sklearn", "streaming"),
+        default=D.probe,
+        help="linear probe: sklearn (in memory) or streaming (chunks of the Parquet cache)",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the resolved settings (YAML) and exit"
     )
     return p.parse_args(argv)  # fmt: skip
