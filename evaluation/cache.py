@@ -22,6 +22,10 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 _CHECKSUM = b"ce.checksum"
+# Rows per Parquet row group: the streaming probe decodes one group at a time and shuffles the
+# group order, so small groups bound its memory (8192 x 4096-d float32 = 128 MiB) and mix key
+# order; pyarrow's default (1M rows) would be one group per split.
+ROW_GROUP_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def save(f: Features, path: str | Path) -> Path:
         }
     ).replace_schema_metadata({_CHECKSUM: checksum(f).encode()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     os.replace(tmp, path)
     return path
 

@@ -180,3 +180,16 @@ def test_protocol_and_job_flag_select_the_streaming_probe(problem):
     metrics, pred = _layer_metrics(train, test, (problem["train"], problem["test"]), s)
     assert metrics["probe_epochs"] == FAST.epochs and "knn_top1" in metrics
     assert (pred == test.labels).mean() == pytest.approx(metrics["probe_top1"])
+
+
+def test_the_cache_writes_small_row_groups(tmp_path):
+    """The streaming probe's memory bound and shuffle depend on the cache's row groups."""
+    n = cache.ROW_GROUP_ROWS * 2 + 5
+    f = cache.Features(
+        keys=np.array([f"k{i:06d}" for i in range(n)]),
+        labels=np.zeros(n, dtype=np.int64),
+        x=np.zeros((n, 2), dtype=np.float32),
+    )
+    meta = pq.ParquetFile(cache.save(f, tmp_path / "f.parquet")).metadata
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    assert sizes == [cache.ROW_GROUP_ROWS, cache.ROW_GROUP_ROWS, 5]
