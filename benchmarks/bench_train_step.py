@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     print(machine(device))
     ceilings = [(matmul_gflops(device, torch.float32), matmul_gflops(device, torch.bfloat16))]
-    configs = [("paper 128px", ModelConfig(), args.batch, PAPER_YAML)]
+    configs = [] if args.skip_paper else [("paper 128px", ModelConfig(), args.batch, PAPER_YAML)]
     if not args.skip_cifar:
         cifar = load_config(CIFAR_YAML).model if CIFAR_YAML.is_file() else ModelConfig(32)
         name = f"cifar 32px w{cifar.width} b{cifar.bottleneck}"
@@ -277,6 +277,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     p.add_argument("--skip-cifar", action="store_true")
+    p.add_argument("--skip-paper", action="store_true")
     p.add_argument(
         "--quick", action="store_true", help="paper config only, 3 timed steps (a few minutes)"
     )
