@@ -3,9 +3,9 @@
 `train.precision: auto` (the default) means bf16 autocast where the device computes bf16
 natively and fp32 everywhere else: on a CPU without AVX512-BF16 / AMX (AVX2-only EPYCs, older
 Xeons) bf16 is emulated through fp32 conversions and a step runs ~30x slower than fp32, so a
-config must never pick it silently. `train.channels_last: auto` is on where it was measured to
-win (see `resolve`). Explicit values are obeyed as given; bf16 on a machine that emulates it
-warns once, naming the machine's instruction sets.
+config must never pick it silently. `train.channels_last: auto` is on with bf16 (measured to
+win) and on CUDA (see `resolve`). Explicit values are obeyed as given; bf16 on a machine that
+emulates it warns once, naming the machine's instruction sets.
 
 `resolve` is pure (capabilities in, choice out) so every branch is testable without the
 hardware; `capabilities` and `resolve_for` are the thin layer that reads the real machine.
@@ -71,11 +71,11 @@ def resolve(precision: str, channels_last: bool | str, caps: Capabilities) -> Re
     """Resolve `train.precision` ("auto" | "fp32" | "bf16") and `train.channels_last` (bool or
     "auto") for a device with capabilities `caps`.
 
-    auto precision: bf16 where `caps.native_bf16()`, else fp32. auto channels_last: on for
-    CPUs and CUDA, off elsewhere (unmeasured). Measured with benchmarks/bench_train_step.py (see
-    docs/precision.md): on this project's CPU channels_last won in both dtypes at 128 px, +12 %
-    in fp32 and +150 % in bf16 (oneDNN's bf16 convolutions want NHWC; NCHW pays a reorder per
-    layer); GPU tensor cores prefer NHWC too. "auto" keeps that rule in one place, per device."""
+    auto precision: bf16 where `caps.native_bf16()`, else fp32. auto channels_last: on with
+    bf16 and on CUDA, off for fp32 elsewhere. Measured with benchmarks/bench_train_step.py (see
+    docs/precision.md): on this project's CPU channels_last was +5 % to +150 % with bf16
+    (oneDNN's bf16 convolutions want NHWC; NCHW pays a reorder per layer) and within noise with
+    fp32, so fp32 on a CPU keeps the NCHW layout it always had; GPU tensor cores prefer NHWC."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"train.precision: {precision!r} is not one of auto, fp32, bf16")
     native = caps.native_bf16()
@@ -85,7 +85,7 @@ def resolve(precision: str, channels_last: bool | str, caps: Capabilities) -> Re
     else:
         chosen, why = precision, f"set explicitly (native bf16: {'yes' if native else 'no'})"
     if channels_last == "auto":
-        cl = caps.device_type in ("cpu", "cuda")
+        cl = chosen == "bf16" or caps.device_type == "cuda"
     elif isinstance(channels_last, bool):
         cl = channels_last
     else:

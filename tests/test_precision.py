@@ -47,8 +47,8 @@ def test_auto_is_bf16_exactly_where_it_is_native(name):
     assert caps.native_bf16() is native
     r = resolve("auto", "auto", caps)
     assert r.precision == ("bf16" if native else "fp32")
-    # channels_last: on for CPUs and GPUs (measured to win in both dtypes), off elsewhere.
-    assert r.channels_last is (caps.device_type in ("cpu", "cuda"))
+    # channels_last follows: on with bf16 (oneDNN's bf16 convs want NHWC) and on any GPU.
+    assert r.channels_last is (native or caps.device_type == "cuda")
     assert ("no native" in r.reason) is not native
 
 
@@ -58,9 +58,9 @@ def test_auto_is_bf16_exactly_where_it_is_native(name):
 def test_explicit_values_mean_exactly_that_everywhere(name, explicit, channels_last):
     r = resolve(explicit, channels_last, MACHINES[name][0])
     assert (r.precision, r.channels_last) == (explicit, channels_last)
-    # auto channels_last depends on the device only, not on the dtype asked for.
+    # auto channels_last with an explicit dtype follows the dtype, not the hardware's bf16.
     cl = resolve(explicit, "auto", MACHINES[name][0]).channels_last
-    assert cl is (MACHINES[name][0].device_type in ("cpu", "cuda"))
+    assert cl is (explicit == "bf16" or MACHINES[name][0].device_type == "cuda")
 
 
 def test_bad_values_raise_naming_the_key():
