@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from evaluation.extraction import SplitSpec, split_features
 from evaluation.features import load_encoder
 from evaluation.probe import ProbeFit, ProbeSettings, best_c, fit_probe, scale_c, score_probe
-from machine import cpu_model
+from machine import describe
 from pipeline.checkpoint import save_encoder
 from pipeline.config import Config, DataConfig, ModelConfig
 from pipeline.model import build_generator
@@ -131,9 +131,7 @@ def main() -> None:
     )
     args = p.parse_args()
     settings = ProbeSettings(blas_threads=args.blas_threads)
-    say(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}, "
-        f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    say(f"machine: {describe()}, scikit-learn {sklearn.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         feats, t_extract, t_cache = extraction(args.layer, Path(args.cifar_dir), Path(tmp))
     tr, te = feats["train"], feats["test"]

@@ -14,7 +14,6 @@ worker within 5 % of in-process.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from machine import cpu_model
+from machine import describe
 from pipeline.config import load_config
 from pipeline.runtime import start_local_ray
 
@@ -93,8 +92,7 @@ def main() -> None:
     ray.shutdown()
 
     base = rows[0][1]
-    cpu = cpu_model()
-    print(f"\nRay Train overhead — {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"\nRay Train overhead — {describe()}")
     print(f"{args.steps} steps, batch 32 per worker, 32-px CIFAR-10 (width 32, bottleneck 256)")
     print(f"{'setting':<16}{'images/s':>10}{'vs in-process':>15}{'wall s (incl. start)':>22}")
     for label, rate, wall in rows:

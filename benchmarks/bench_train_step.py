@@ -1,13 +1,17 @@
 """Training-step throughput of the Context Encoder trainer against a plain reference step.
 
-    python benchmarks/bench_train_step.py                 # CPU, paper config at batch 64
+    python benchmarks/bench_train_step.py --quick --threads 2   # paper config only, 2-3 min
+    python benchmarks/bench_train_step.py                 # CPU, paper + CIFAR configs, batch 64
     python benchmarks/bench_train_step.py --device cuda   # the same on a GPU
 
 Reference = the recipe of the popular PyTorch ports, on the same architecture: fp32, NCHW,
 a Sigmoid at the end of D + nn.BCELoss, default torch.optim.Adam(betas=(0.5, 0.999)), D
 gradients computed (and thrown away) during the G step. Ours = pipeline.trainer.Trainer in
-several settings (fp32 / bf16 autocast, NCHW / channels_last, optional torch.compile).
-Both run one G forward, a D step on real then fake, and a G step through the updated D.
+several settings (fp32 / bf16 autocast, NCHW / channels_last, optional torch.compile), and
+with the SHIPPED config's settings (jobs/configs/paper128.yaml, cifar10.yaml: `auto`, resolved
+for this machine by pipeline.precision). Both run one G forward, a D step on real then fake, and
+a G step through the updated D. The verdict lines check that the shipped setting is within 10 %
+of the best one and at least 2x the reference.
 
 GFLOP/s is the reference step's FLOPs (counted once with torch.utils.flop_counter) times the
 images/s of each row, so every row is measured in the same useful-work unit; the matmul
@@ -36,9 +40,13 @@ from pipeline.model import (
     build_generator,
 )
 from pipeline.objective import region
+from pipeline.precision import resolve_for
 from pipeline.trainer import Trainer
 
-CIFAR_YAML = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+PAPER_YAML, CIFAR_YAML = CONFIGS / "paper128.yaml", CONFIGS / "cifar10.yaml"
+REFERENCE = "reference (fp32 NCHW, BCELoss, Adam)"
+SHIPPED = "ours shipped"  # prefix of the row timed with the shipped config's train settings
 
 
 def sync(device: torch.device) -> None:
@@ -133,18 +141,33 @@ def ours(model: ModelConfig, device: torch.device, batch: int, **train) -> Calla
     return trainer.train_step
 
 
+def shipped_variant(path: Path, device: torch.device) -> tuple[str, dict]:
+    """The row for a shipped YAML: its precision / channels_last / compile, as given (auto is
+    resolved by the Trainer, as in a real run); the label says what they resolved to."""
+    train = load_config(path).train if path.is_file() else TrainConfig()
+    r = resolve_for(train.precision, train.channels_last, device)
+    layout = "channels_last" if r.channels_last else "NCHW"
+    settings = {
+        "precision": train.precision,
+        "channels_last": train.channels_last,
+        "compile": train.compile,
+    }
+    return f"{SHIPPED} ({train.precision} -> {r.precision} {layout})", settings
+
+
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     print(machine(device))
     ceilings = [(matmul_gflops(device, torch.float32), matmul_gflops(device, torch.bfloat16))]
-    configs = [("paper 128px", ModelConfig(), args.batch)]
+    configs = [] if args.skip_paper else [("paper 128px", ModelConfig(), args.batch, PAPER_YAML)]
     if not args.skip_cifar:
         cifar = load_config(CIFAR_YAML).model if CIFAR_YAML.is_file() else ModelConfig(32)
-        configs.append((f"cifar 32px w{cifar.width} b{cifar.bottleneck}", cifar, args.batch))
+        name = f"cifar 32px w{cifar.width} b{cifar.bottleneck}"
+        configs.append((name, cifar, args.batch, CIFAR_YAML))
     variants = [
-        ("ours fp32 NCHW", {"precision": "fp32"}),
+        ("ours fp32 NCHW", {"precision": "fp32", "channels_last": False}),
         ("ours fp32 channels_last", {"precision": "fp32", "channels_last": True}),
-        ("ours bf16 NCHW", {"precision": "bf16"}),
+        ("ours bf16 NCHW", {"precision": "bf16", "channels_last": False}),
         ("ours bf16 channels_last", {"precision": "bf16", "channels_last": True}),
     ]
     if args.compile:
@@ -155,8 +178,9 @@ def run(args: argparse.Namespace) -> None:
             )
         )
     rows = []
-    for name, model, b in configs:
-        rows += time_config(name, model, b, variants, device, args)
+    for name, model, b, yaml in configs:
+        here = [*variants, shipped_variant(yaml, device)]
+        rows += time_config(name, model, b, here, device, args)
         # Ceilings again after each config: a spike from another process at one moment must
         # not set the yardstick; the best of all measurements is the machine's ceiling.
         ceilings.append(
@@ -168,6 +192,27 @@ def run(args: argparse.Namespace) -> None:
         f"bf16 {ceil16:.0f} GFLOP/s"
     )
     print_table(rows, ceil32, ceil16, args)
+    print_verdicts(rows)
+
+
+def print_verdicts(rows: list[tuple]) -> None:
+    """Per config: ours / reference for the best setting and the shipped one, and whether the
+    shipped one is within 10 % of the best and at least 2x the reference."""
+    print()
+    for cfg in dict.fromkeys(r[0] for r in rows):
+        mine = {r[1]: r[2] for r in rows if r[0] == cfg}
+        ref = mine.pop(REFERENCE)
+        best = max((k for k in mine if not k.startswith(SHIPPED)), key=mine.get)
+        shipped = next(k for k in mine if k.startswith(SHIPPED))
+        near = mine[shipped] >= 0.9 * mine[best]
+        fast = mine[shipped] >= 2.0 * ref
+        print(
+            f"{cfg}: best '{best}' {mine[best] / ref:.2f}x reference; "
+            f"'{shipped}' {mine[shipped] / ref:.2f}x reference, "
+            f"{100 * mine[shipped] / mine[best]:.0f}% of best -> "
+            f"within 10% of best: {'yes' if near else 'NO'}, >= 2x reference: "
+            f"{'yes' if fast else 'NO'}"
+        )
 
 
 def time_config(
@@ -183,15 +228,19 @@ def time_config(
     process hits every variant alike; the best step of each is its rate."""
     gflop = step_gflop_per_image(model, device)
     batch = make_batch(model, b, device)
-    steps = {"reference (fp32 NCHW, BCELoss, Adam)": ReferenceStep(model, device)}
+    steps = {REFERENCE: ReferenceStep(model, device)}
     steps.update({vname: ours(model, device, b, **train) for vname, train in variants})
     for vname, step in steps.items():
         for _ in range(args.warmup + ("compile" in vname)):  # compile: trace + recompile
             step(batch)
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.iters):
+    # At least --iters rounds, and more until --min-time has passed: at 32 px a step is ~50 ms,
+    # and a handful of them is too few for the best-of to miss other processes' load bursts.
+    t0, rounds = time.perf_counter(), 0
+    while rounds < args.iters or (time.perf_counter() - t0 < args.min_time and rounds < 100):
         for vname, step in steps.items():
             times[vname].append(one_call(partial(step, batch), device))
+        rounds += 1
     base = b / min(next(iter(times.values())))
     return [
         (name, k, b / min(v), b / statistics.median(v), b / min(v) / base, gflop)
@@ -201,12 +250,13 @@ def time_config(
 
 def print_table(rows: list, ceil32: float, ceil16: float, args: argparse.Namespace) -> None:
     print(
-        f"\nbatch {args.batch}, warm-up {args.warmup}, {args.iters} timed steps each, round-robin; "
+        f"\nbatch {args.batch}, warm-up {args.warmup}, >= {args.iters} timed steps each "
+        f"(>= {args.min_time:g} s per config), round-robin; "
         "img/s from the best step (median beside it); GFLOP/s = reference FLOPs per image x "
         "best img/s"
     )
     head = (
-        f"{'config':<24} {'variant':<38} {'img/s':>8} {'median':>8} {'vs ref':>7} {'GFLOP/s':>8} "
+        f"{'config':<24} {'variant':<42} {'img/s':>8} {'median':>8} {'vs ref':>7} {'GFLOP/s':>8} "
         f"{'% fp32':>7} {'% bf16':>7}"
     )
     print(head)
@@ -214,7 +264,7 @@ def print_table(rows: list, ceil32: float, ceil16: float, args: argparse.Namespa
     for cfg, variant, ips, med, ratio, gflop in rows:
         rate = ips * gflop
         print(
-            f"{cfg:<24} {variant:<38} {ips:8.1f} {med:8.1f} {ratio:6.2f}x {rate:8.1f} "
+            f"{cfg:<24} {variant:<42} {ips:8.1f} {med:8.1f} {ratio:6.2f}x {rate:8.1f} "
             f"{100 * rate / ceil32:6.0f}% {100 * rate / ceil16:6.0f}%"
         )
     gflops = {row[0]: row[-1] for row in rows}
@@ -229,11 +279,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--iters", type=int, default=4, help="timed rounds at least")
+    p.add_argument("--min-time", type=float, default=20.0, help="seconds of timed rounds at least")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     p.add_argument("--skip-cifar", action="store_true")
+    p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--quick", action="store_true", help="the paper config only (2-3 minutes)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args()
+    if args.quick:
+        args.skip_cifar = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

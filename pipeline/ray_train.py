@@ -129,6 +129,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if resumed_from is not None:
             # The restart is visible in the run: a marker metric at the step it continued from.
             logger.metrics({"resumed_from_step": resumed_from}, step=resumed_from)
+    if rank == 0:
+        _log_resolved(trainer, logger)
     val = _held_out_batches(cfg) if rank == 0 else []
     progress = ProgressLog(cfg.train.max_steps, trainer.step, world, cfg.data.batch_size)
     if rank == 0:
@@ -189,6 +191,19 @@ def _log_encoder_model(trainer: Trainer, cfg: Config, loop_config: dict[str, Any
             f"run's encoder/generator.pt holds the same weights",
             stacklevel=1,
         )
+
+
+def _log_resolved(trainer: Trainer, logger: RunLogger | None) -> None:
+    """What "auto" (or an explicit value) became on this machine: printed, and tagged on the
+    run (tags, not params: a resumed run may land on other hardware and resolve differently)."""
+    r = trainer.resolved
+    print(
+        f"[pretrain] precision {r.precision}, channels_last {r.channels_last} ({r.reason})",
+        flush=True,
+    )
+    if logger is not None:
+        for key, value in r.as_tags().items():
+            logger.tag(key, value)
 
 
 def _steps_per_rank(step: int, world: int) -> list[int]:

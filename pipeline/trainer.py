@@ -29,6 +29,7 @@ from pipeline.objective import (
     region,
 )
 from pipeline.passes import eval_mode, take_batches
+from pipeline.precision import Resolved, resolve_for
 
 Batch = dict[str, Any]
 
@@ -58,6 +59,10 @@ class Trainer:
         wrap: Callable[[nn.Module], nn.Module] | None = None,
     ):
         self.cfg, self.device = cfg, torch.device(device)
+        # What train.precision / channels_last ("auto" or explicit) mean on this device.
+        self.resolved: Resolved = resolve_for(
+            cfg.train.precision, cfg.train.channels_last, self.device
+        )
         self.centre = not cfg.model.full_image_output
         self.step = self.epoch = self.batch_in_epoch = 0
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
@@ -81,18 +86,18 @@ class Trainer:
         if _distributed() and self.cfg.train.sync_bn and self.device.type == "cuda":
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module = module.to(self.device)
-        if self.cfg.train.channels_last:
+        if self.resolved.channels_last:
             module = module.to(memory_format=torch.channels_last)
         return module.train()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        bf16 = self.cfg.train.precision == "bf16"
+        bf16 = self.resolved.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _tensor(self, batch: Batch, key: str) -> Tensor:
         if key not in batch:
             raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)})")
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if self.resolved.channels_last else torch.contiguous_format
         return batch[key].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
 
     # ---- one step ---------------------------------------------------------------------------

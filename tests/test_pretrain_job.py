@@ -77,6 +77,11 @@ def test_two_workers_complete_and_track(tmp_path, ray_local, cifar_small):
     assert run.data.tags["ce.steps_per_rank"] == "12,12"  # both ranks ran every step
     assert run.data.params["train.max_steps"] == "12"
     assert run.data.params["run.num_workers"] == "2"
+    # train.precision / channels_last default to auto: what they became on this machine.
+    from pipeline.precision import capabilities, resolve
+
+    resolved = resolve("auto", "auto", capabilities("cpu")).as_tags()
+    assert {k: run.data.tags.get(k) for k in resolved} == resolved
     for key in ("loss_rec", "loss_g", "loss_d", "images_per_s", "val_rec_l2"):
         assert key in run.data.metrics, key
     history = c.get_metric_history(run.info.run_id, "loss_rec")
