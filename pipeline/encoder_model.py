@@ -33,7 +33,7 @@ from pipeline.model import Generator
 # The probe's default pooled size per layer (evaluation.run.ProbeRunConfig.max_dim).
 FEATURE_MAX_DIM = 4096
 # The files of `pipeline/` an MLflow Model of a FrozenEncoder carries (see the docstring).
-SHIPPED_MODULES = ("__init__.py", "config.py", "model.py", "encoder_model.py")
+SHIPPED_MODULES = ("__init__.py", "config.py", "storage.py", "model.py", "encoder_model.py")
 PREPROCESSING = (
     "RGB; shorter side resized to `resize` (0 = image_size), centre crop image_size x "
     "image_size; float32 x / 127.5 - 1 in [-1, 1]; shape (B, 3, image_size, image_size)"

@@ -241,3 +241,23 @@ def test_pretrain_logs_and_registers_the_encoder_it_trained(tmp_path, ray_local)
     np.testing.assert_allclose(got, reference_features(g, x, list(g.feature_layers), 4096),
                                atol=1e-6, rtol=0)  # fmt: skip
     assert model.run_config["train"]["max_steps"] == 4
+
+
+def test_the_shipped_code_imports_only_itself():
+    """Every module-level `pipeline.*` import of a shipped module is shipped too: the model is
+    loaded where this repository is not (imports inside functions run only on other paths)."""
+    import ast
+
+    from pipeline.encoder_model import SHIPPED_MODULES
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    shipped = {name.removesuffix(".py") for name in SHIPPED_MODULES}
+    for name in SHIPPED_MODULES:
+        tree = ast.parse((root / name).read_text())
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                assert node.module.split(".")[1] in shipped, f"{name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("pipeline."):
+                        assert alias.name.split(".")[1] in shipped, f"{name} imports {alias.name}"
