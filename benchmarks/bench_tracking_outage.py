@@ -26,7 +26,7 @@ from pipeline.config import Config, DataConfig, ModelConfig, TrainConfig
 from pipeline.tracking import RunLogger, client, new_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_tracking_outage import MlflowServer  # noqa: E402  (the tests' server harness)
+from servers import MlflowServer  # noqa: E402  (the tests' server harness)
 
 
 def tiny_trainer(width: int):

@@ -10,13 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.tracking import RUN_NAME_TAG, TrackingUnavailableError
+from servers import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -315,23 +315,10 @@ def test_against_an_mlflow_server(tmp_path, ray_local, cifar_small):
     """A real `mlflow server` on loopback: params, metrics and artifacts go over HTTP."""
     from jobs.pretrain import main
 
-    port = _free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path)
+    server.start()
+    uri = server.uri
     try:
-        for _ in range(120):  # the server takes a while to answer on a busy machine
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
         res = main(tiny(tmp_path, *cifar_small, **{"run.tracking_uri": uri,
                    "run.num_workers": 1, "run.run_name": "served"}))  # fmt: skip
         c, (run,) = mlflow_run(uri, "test-pretrain")
@@ -340,7 +327,6 @@ def test_against_an_mlflow_server(tmp_path, ray_local, cifar_small):
         assert "loss_rec" in run.data.metrics
         assert "encoder" in {a.path for a in c.list_artifacts(run.info.run_id)}
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # a throwaway server: no graceful shutdown
-        server.wait(timeout=30)
+        server.kill()  # a throwaway server: no graceful shutdown
     assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing fell back to a local store
     assert list((tmp_path / "artifacts").rglob("generator.pt"))  # stored by the server
