@@ -148,7 +148,11 @@ def test_bf16_autocast_and_channels_last_train(precision, channels_last):
 
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager():
-    eager, compiled = Trainer(tiny_config()), Trainer(tiny_config(train=TrainConfig(compile=True)))
+    # fp32 on every machine: `auto` would pick bf16 where it is native, whose rounding differs
+    # between the fused (compiled) and eager kernels by more than this comparison allows.
+    fp32 = {"precision": "fp32", "channels_last": False}
+    eager = Trainer(tiny_config(train=TrainConfig(**fp32)))
+    compiled = Trainer(tiny_config(train=TrainConfig(compile=True, **fp32)))
     for seed in range(3):  # the G step's frozen D is a second graph: both get exercised
         a, b = eager.train_step(make_batch(seed=seed)), compiled.train_step(make_batch(seed=seed))
     for key in ("loss_rec", "loss_d", "loss_g"):
