@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class Spool:
         self.path = self.root / f"{run_id}.jsonl"
         self.ack_path = self.root / f"{run_id}.ack.json"
         self.files = self.root / f"{run_id}.files"
+        # stage() runs on the training thread, tidy() on the sender's: without the lock the
+        # sender could remove the payload folder between stage's two mkdirs (seen under load).
+        self._files_lock = threading.Lock()
         self.skipped_lines = 0
         state = json.loads(self.ack_path.read_text()) if self.ack_path.is_file() else {}
         self.acked: int = state.get("acked", -1)
@@ -71,7 +75,8 @@ class Spool:
         """A fresh path `files/<unique>/<name>` for a payload an entry will refer to (its own
         folder: MLflow names an uploaded artifact after the file)."""
         folder = self.files / uuid.uuid4().hex
-        folder.mkdir(parents=True)
+        with self._files_lock:
+            folder.mkdir(parents=True)
         return folder / name
 
     def unstage(self, path: str) -> None:
@@ -144,8 +149,9 @@ class Spool:
 
     def tidy(self) -> None:
         """Remove the payload folder once nothing refers to it."""
-        if not self.path.is_file() and self.files.is_dir() and not any(self.files.iterdir()):
-            shutil.rmtree(self.files, ignore_errors=True)
+        with self._files_lock:
+            if not self.path.is_file() and self.files.is_dir() and not any(self.files.iterdir()):
+                shutil.rmtree(self.files, ignore_errors=True)
 
     def exists(self) -> bool:
         return self.path.is_file()

@@ -166,3 +166,32 @@ def test_take_batch_respects_mlflow_limits_and_sends_files_alone():
     assert take_batch([art, metrics(10, 1)]) == [art]
     assert [e["seq"] for e in take_batch([metrics(0, 1), art])] == [0]
     assert take_batch([]) == []
+
+
+def test_staging_a_payload_races_no_tidy_of_the_folder(tmp_path):
+    """The training thread stages payload files while the sender tidies the payload folder
+    away whenever the spool is empty: staging must never fail (a crash of the training step)."""
+    import threading
+
+    from pipeline.tracking_spool import Spool
+
+    spool, errors, done = Spool(tmp_path, "run"), [], threading.Event()
+
+    def sender() -> None:
+        while not done.is_set():
+            spool.tidy()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    try:
+        for i in range(2000):
+            try:
+                path = spool.stage(f"{i}.png")
+                path.write_bytes(b"x")
+                spool.unstage(str(path))
+            except OSError as e:  # pragma: no cover - the failure this test is about
+                errors.append(e)
+    finally:
+        done.set()
+        t.join()
+    assert errors == []
