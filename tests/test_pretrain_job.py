@@ -301,6 +301,8 @@ def test_ray_job_submit_to_a_started_cluster(tmp_path, cifar_small):
         log = out.stdout + out.stderr
         assert out.returncode == 0, log[-4000:]
         assert "succeeded" in log and "Ray cluster at" in log
+        # What `ray job logs --follow` shows: rank 0's progress lines (pipeline/progress.py).
+        assert "[train] step 12/12 (100%)" in log and "[train] done: step 12/12" in log, log[-4000:]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
