@@ -65,9 +65,22 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment `name` in the store at `uri`, created if missing."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Beside a sqlite store: MLflow's default for one is ./mlruns in whatever directory the
+    experiment happens to be created from (a job's, a test's), outside run.output_root. A
+    server (http) decides itself (--artifacts-destination)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / folder)
 
 
 def new_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:

@@ -71,3 +71,14 @@ def test_tracked_run_survives_a_server_gone_at_the_end(capsys):
     assert time.perf_counter() - t0 < 60
     err = capsys.readouterr().err
     assert "could not mark run 0123abcd FINISHED" in err and "FAILED" in err
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    """Not ./mlruns of whatever directory the experiment was created from (MLflow's default)."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "out" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_id = new_run(uri, "exp/1", "r")
+    art = client(uri).get_run(run_id).info.artifact_uri
+    assert art.startswith(str(db.parent / "mlartifacts" / "exp_1")), art
+    assert not (tmp_path / "mlruns").exists()
