@@ -65,15 +65,21 @@ def test_missing_file_and_architecture_mismatch_name_both_sides(encoder_file, tm
         check_layers(enc, ["conv2", "conv9"])
 
 
-def test_load_from_mlflow_runs_uri(encoder_file, tmp_path):
+def _logged_encoder_run(path, tmp_path) -> tuple[str, str]:
+    """(tracking URI, run id) of a run in a sqlite store holding `path` as encoder/<name>."""
     from mlflow.tracking import MlflowClient
 
-    path, g = encoder_file
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri)
     exp = c.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
     run_id = c.create_run(exp).info.run_id
     c.log_artifact(run_id, str(path), artifact_path="encoder")
+    return uri, run_id
+
+
+def test_load_from_mlflow_runs_uri(encoder_file, tmp_path):
+    path, g = encoder_file
+    uri, run_id = _logged_encoder_run(path, tmp_path)
     for suffix in ("encoder/generator.pt", "encoder"):
         enc = load_encoder("ce", f"runs:/{run_id}/{suffix}", tmp_path / suffix, uri)
         assert enc.weights == weights_hash(g)
@@ -175,14 +181,8 @@ def test_evaluation_reads_images_at_the_encoders_training_resize(cifar_dir):
 
 
 def test_runs_uri_download_is_loaded_then_removed_and_a_local_path_is_kept(encoder_file, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     path, g = encoder_file
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri)
-    exp = c.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
-    run_id = c.create_run(exp).info.run_id
-    c.log_artifact(run_id, str(path), artifact_path="encoder")
+    uri, run_id = _logged_encoder_run(path, tmp_path)
     dl = tmp_path / "dl"
     for _ in range(2):  # one private folder per download, gone once the weights are loaded
         enc = load_encoder("ce", f"runs:/{run_id}/encoder", dl, uri)

@@ -12,16 +12,14 @@ from urllib.parse import urlparse
 
 from braceexpand import braceexpand
 
-
-def url_scheme(url: str) -> str:
-    """'' for a local path, else the URL's scheme ('s3', 'gs', 'memory', ...)."""
-    if "://" not in url:
-        return ""
-    return urlparse(url).scheme.lower()
+# One classification of paths and URLs for shards and output roots alike (pipeline.storage).
+from pipeline.storage import is_uri
+from pipeline.storage import scheme as url_scheme
 
 
 def is_local(url: str) -> bool:
-    return url_scheme(url) in ("", "file")
+    """A plain path or file://...: everything else goes through fsspec."""
+    return not is_uri(url)
 
 
 def local_path(url: str) -> str:
