@@ -115,18 +115,15 @@ def _checksum_ok(hdr: bytes) -> bool:
     return stored == actual or stored == actual - 256 * sum(b >= 128 for b in spaced)
 
 
-def _header_problem(hdr: bytes) -> tuple[int, str | None]:
-    """(the member's data size, what is wrong with the header or None)."""
-    if not _checksum_ok(hdr):
-        return 0, "bad header checksum"
+def _header_size(hdr: bytes) -> int | None:
+    """The member's data size, None when the size field is no number."""
     try:  # the usual field: 11 octal digits and a NUL (int() takes bytes)
-        size = int(hdr[124:135], 8) if hdr[135] == 0 else _number(hdr[124:136])
+        return int(hdr[124:135], 8) if hdr[135] == 0 else _number(hdr[124:136])
     except ValueError:
         try:
-            size = _number(hdr[124:136])
+            return _number(hdr[124:136])
         except ValueError:
-            return 0, f"size field {hdr[124:136]!r} is not a number"
-    return size, None
+            return None
 
 
 def _long_name(kind: int, data: bytes) -> str | None:
@@ -216,12 +213,13 @@ class _SampleScan:
 
     def _header(self, hdr: bytes, offset: int) -> tuple[int, str | None]:
         """(the member's size, why that size cannot be used or None). A header that fails its
-        checksum or whose size is no number raises at once; a size out of bounds in a header
-        that is otherwise sound is returned, so the caller can first close the sample before
-        it (its name can be trusted)."""
-        size, problem = _header_problem(hdr)
-        if problem:
-            raise self._error(offset, f"bad tar header: {problem}")
+        checksum raises at once; a bad size in a header that passes it is returned, so the
+        caller can first close the sample before it (its name can be trusted)."""
+        if not _checksum_ok(hdr):
+            raise self._error(offset, "bad tar header: bad header checksum")
+        size = _header_size(hdr)
+        if size is None:
+            return 0, f"bad tar header: size field {hdr[124:136]!r} is not a number"
         if 0 <= size <= self.max_member and (
             self.size is None or offset + BLOCK + size <= self.size
         ):
@@ -232,7 +230,7 @@ class _SampleScan:
             problem = f"member size {size} is over data.max_member_bytes={self.max_member}"
         else:
             problem = f"member size {size} runs past the end of the {self.size}-byte shard"
-        return size, f"bad tar header: {problem}"
+        return 0, f"bad tar header: {problem}"
 
     def _end(self, f: IO[bytes], buf: bytes, pos: int, offset: int) -> None:
         """After a zero block: the archive ends here if the next block is zero too (or the
