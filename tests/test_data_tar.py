@@ -9,17 +9,15 @@ negative size). The fuzz test mutates header fields of those shards with hypothe
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
-import signal
 import tarfile
-from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
 import pytest
 import webdataset as wds
+from deadline import hard_timeout
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -122,26 +120,6 @@ def forge(blob: bytes, header: int, field: str, value: bytes, fix: bool = True) 
         with_checksum(hdr)
     out[header : header + 512] = hdr
     return bytes(out)
-
-
-class Hung(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def hard_timeout(seconds: float) -> Iterator[None]:
-    """Interrupt the block after `seconds` (SIGALRM: a pure-Python loop cannot ignore it)."""
-
-    def fire(*_: object) -> None:
-        raise Hung(f"the reader ran for more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 class Pipe(io.RawIOBase):
