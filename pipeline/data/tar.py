@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import stat
 import zlib
 from collections.abc import Callable, Iterator
@@ -66,9 +65,6 @@ def _skip(f: IO[bytes], n: int) -> None:
             n -= len(b)
 
 
-_OCTAL = re.compile(rb"[0-7]*")
-
-
 def _number(field: bytes) -> int:
     """A numeric header field: octal digits ended by NUL or space, or GNU base-256 (first byte
     0x80: positive, 0xff: negative, two's complement). ValueError for anything else."""
@@ -77,9 +73,11 @@ def _number(field: bytes) -> int:
     if field[0] == 0xFF:
         return int.from_bytes(field, "big", signed=True)
     digits = field.split(b"\0", 1)[0].strip(b" ")
-    if not _OCTAL.fullmatch(digits):
+    if not digits:
+        return 0
+    if not digits.isdigit() or b"8" in digits or b"9" in digits:  # isdigit: ASCII only
         raise ValueError(f"{field!r} is not an octal number")
-    return int(digits, 8) if digits else 0
+    return int(digits, 8)
 
 
 def _header_name(hdr: bytes) -> str:
@@ -96,22 +94,26 @@ _LONG_NAME = (ord("L"), ord("x"))  # GNU long name, pax extended header
 
 
 _SPACES = b" " * 8  # the checksum field counts as spaces in its own sum
-_ADLER_MOD = 65521
+
+
+def _byte_sum(block: bytes) -> int:
+    """The sum of a 512-byte block's bytes. zlib.adler32's low half is 1 + the byte sum mod
+    65521, and 256 bytes sum to at most 65280, so per half it is exact: ~0.5 us where sum()
+    takes ~4 us, which per header is what reading 32-px images costs."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _checksum_ok(hdr: bytes) -> bool:
     """The stored checksum equals the header's byte sum (unsigned, or signed as some old tars
-    wrote it). zlib.adler32's low half is (1 + byte sum) mod 65521, which is the exact sum when
-    few enough bytes are non-zero (every ordinary header): ~0.5 us instead of ~4 us for sum()."""
+    wrote it); first compared in the form tarfile and GNU tar write it, six digits, NUL, space."""
+    spaced = hdr[:148] + _SPACES + hdr[156:]
+    actual = _byte_sum(spaced)
+    if hdr[148:156] == b"%06o\0 " % actual:
+        return True
     try:
         stored = _number(hdr[148:156])
     except ValueError:
         return False
-    spaced = hdr[:148] + _SPACES + hdr[156:]
-    if (BLOCK - spaced.count(0)) * 255 < _ADLER_MOD:
-        actual = ((zlib.adler32(spaced) & 0xFFFF) - 1) % _ADLER_MOD
-    else:
-        actual = sum(spaced)
     return stored == actual or stored == actual - 256 * sum(b >= 128 for b in spaced)
 
 
