@@ -209,3 +209,34 @@ def test_max_member_bytes_reaches_counter_and_reader(tmp_path: Path) -> None:
     keys = [k for b in batches for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v]
     assert keys == [f"c{i}" for i in range(first_big)]
     assert loader.skipped == 1  # the sample whose jpg is over the cap
+
+
+@pytest.mark.integration  # ~20 s on the shared machine: two epochs with loader workers
+def test_a_training_run_over_forged_shards_finishes(tmp_path: Path, one_thread) -> None:
+    """The training loop itself (pipeline.trainer.fit, two loader workers, no manifest) over
+    the forged shards: two full epochs of planned steps, every forged shard's skip logged in
+    the `skipped` metric each epoch. (A pretraining run over such shards made no step in 300 s
+    before.)"""
+    from pipeline.config import Config, ModelConfig, TrainConfig
+    from pipeline.trainer import Trainer, fit
+
+    pattern, good = write_forged_shards(tmp_path, with_manifest=False)
+    data = DataConfig(image_size=32, batch_size=8, num_workers=2, shuffle_buffer=16)
+    steps_per_epoch = -(-(len(good) + len(FORGERIES)) // 8)  # the scan counts each cut sample
+    cfg = Config(
+        data=data,
+        model=ModelConfig(image_size=32, width=8, bottleneck=16),
+        train=TrainConfig(max_steps=2 * steps_per_epoch, log_every=1, checkpoint_every=1000),
+    )
+    logs: list[dict] = []
+
+    def loader_for_epoch(epoch: int, start_batch: int):
+        return build_loader(
+            cfg.data, cfg.mask, urls=pattern, train=True, epoch=epoch, start_batch=start_batch
+        )
+
+    with hard_timeout(180):
+        trainer = fit(Trainer(cfg), loader_for_epoch, on_log=logs.append)
+    assert (trainer.step, trainer.epoch) == (2 * steps_per_epoch, 2)
+    assert sum(m["skipped"] for m in logs) == 2 * len(FORGERIES)
+    assert all(np.isfinite(m["loss_g"]) for m in logs)
