@@ -47,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prefix", default=None, help="shard name prefix (default: source name)")
     p.add_argument("--digits-size", type=int, default=32, help="digits are upscaled to this")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this prefix's shards in --out (only those its manifest lists are deleted)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -99,8 +103,9 @@ def prepare(argv: list[str] | None = None) -> Work:
 
 
 def report(manifest: dict, out: str) -> None:
-    print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {out}")
-    if manifest["skipped"]:
+    written = [s for s in manifest["shards"] if s.get("prefix") == manifest["prefix"]]
+    print(f"wrote {manifest['total']} samples in {len(written)} shards to {out}")
+    if manifest["skipped"]:  # unreadable files and decompression bombs, each with its reason
         print(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")
     for name, info in manifest["splits"].items():
         print(f"{name}: {info['total']} samples  {info['pattern']}")

@@ -51,6 +51,10 @@ class DataConfig:
     # retry_backoff_s, 2x, 4x, ...; then the shard's remaining samples are counted as skipped.
     read_retries: int = 3
     retry_backoff_s: float = 0.5
+    # Shards are untrusted: a tar member over this many bytes, like a header with a negative,
+    # unparsable or past-the-end size or a bad checksum, ends the shard's reading there (the rest
+    # counted as skipped) instead of being read into memory. 64 MiB: far above any image.
+    max_member_bytes: int = 64 << 20
     input: InputPath = "webdataset"  # training input path (see InputPath)
 
 
@@ -209,6 +213,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (0 <= cfg.data.read_retries <= 10, "data.read_retries must be in 0..10"),
         (cfg.data.retry_backoff_s >= 0, "data.retry_backoff_s must be >= 0"),
+        (cfg.data.max_member_bytes > 0, "data.max_member_bytes must be > 0"),
         (0 <= cfg.run.upload_retries <= 10, "run.upload_retries must be in 0..10"),
         (cfg.run.upload_backoff_s >= 0, "run.upload_backoff_s must be >= 0"),
         (

@@ -1,11 +1,14 @@
 """make_shards: round trip (every source image back once, bytes unchanged, with its label),
-bad files listed, no overwriting, atomic output, the digits default with its train/test split."""
+bad files and decompression bombs listed, no overwriting (and --overwrite deletes only the files
+its manifest lists), atomic output, the digits default with its train/test split."""
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +181,72 @@ def test_split_shares_must_leave_a_training_share(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="training share"):
         main(["--src", "digits", "--out", str(tmp_path / "o"), "--split-test", "0.5",
               "--split-val", "0.5"])  # fmt: skip
+
+
+def png_bytes(
+    width: int, height: int, *, bit_depth: int = 8, color: int = 2, rows: int = 1
+) -> bytes:
+    """A real PNG declaring width x height whose IDAT holds `rows` rows of zeros (all rows: a
+    valid image; fewer: truncated). A decompression bomb is such a header with huge sizes."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    channels = {0: 1, 2: 3}[color]
+    row = 1 + (width * channels * bit_depth + 7) // 8  # a filter byte, then the pixels
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color, 0, 0, 0)
+    idat = zlib.compress(bytes(row * rows), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_skipped_and_listed(image_tree, tmp_path: Path) -> None:
+    """A PNG declaring 100000 x 100000 pixels (PIL's DecompressionBombError: over twice
+    Image.MAX_IMAGE_PIXELS) used to end the whole run; one of 9500 x 9500 1-bit pixels (only
+    PIL's warning) was decoded to 90 MB. Both are now listed as skipped, the rest written."""
+    root, expected = image_tree
+    assert Image.MAX_IMAGE_PIXELS < 9500 * 9500 < 2 * Image.MAX_IMAGE_PIXELS < 10**10
+    (root / "cat" / "bomb.png").write_bytes(png_bytes(100_000, 100_000))
+    (root / "dog" / "warn.png").write_bytes(png_bytes(9500, 9500, bit_depth=1, color=0, rows=9500))
+    out = tmp_path / "shards"
+    manifest = main(["--src", str(root), "--out", str(out), "--shard-size", "10"])
+    assert manifest["total"] == len(expected) == 27
+    assert sorted((v[1], v[2]) for v in read_shards(out).values()) == sorted(expected.items())
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert (
+        "decompression bomb" in reasons["bomb.png"] and "decompression bomb" in reasons["warn.png"]
+    )
+    assert reasons["broken.jpg"].startswith("unreadable")
+
+
+def test_overwrite_removes_only_the_files_its_manifest_lists(image_tree, tmp_path: Path) -> None:
+    """Two sets in one folder whose prefixes overlap (`src` and `src-small`: the old prefix glob
+    `src-*.tar` took both). Overwriting one leaves the other's files and manifest entries."""
+    root, _ = image_tree
+    out = tmp_path / "shards"
+    main(["--src", str(root), "--out", str(out), "--shard-size", "10"])  # src-00000{0..2}
+    small = ["--src", str(root), "--out", str(out), "--shard-size", "5", "--prefix", "src-small"]
+    main(small)  # beside it: nothing of src-small's is there, so no --overwrite is needed
+    small_files = {p.name: p.read_bytes() for p in out.glob("src-small-*.tar")}
+    assert len(small_files) == 6
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["--src", str(root), "--out", str(out), "--shard-size", "100"])
+    manifest = main(["--src", str(root), "--out", str(out), "--shard-size", "100", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in out.glob("src-small-*.tar")} == small_files
+    assert sorted(p.name for p in out.glob("src-0*.tar")) == ["src-000000.tar"]  # stale gone
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest and manifest["prefix"] == "src" and manifest["total"] == 27
+    entries = {s["name"]: s for s in manifest["shards"]}
+    assert set(entries) == {"src-000000.tar", *small_files}
+    assert {entries[n]["prefix"] for n in small_files} == {"src-small"}
+    # The readers still take src-small's counts from the manifest: every sample once.
+    loader = build_loader(
+        DataConfig(image_size=32, batch_size=9),
+        MaskConfig(),
+        urls=str(out / "src-small-{000000..000005}.tar"),
+        train=False,
+    )
+    assert sum(int(b["valid"].sum()) for b in loader) == 27
+    # And src-small overwritten in turn leaves src alone.
+    main([*small, "--overwrite"])
+    assert (out / "src-000000.tar").is_file() and len(list(out.glob("src-small-*.tar"))) == 6

@@ -27,7 +27,7 @@ import logging
 import math
 import multiprocessing as mp
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import utils as wds_utils
 
 from pipeline.config import DataConfig, MaskConfig
-from pipeline.data.counts import shard_sample_counts
+from pipeline.data.counts import shard_bytes, shard_sample_counts
 from pipeline.data.open import open_url
 from pipeline.data.plan import epoch_shard_order, plan_rank_batches, worker_batches
 from pipeline.data.samples import Raw, SampleSpec, collate, decode_many
@@ -61,6 +61,21 @@ def _read_retry(data: DataConfig) -> RetryPolicy:
 
 def _my_batches(n_batches: int, start_batch: int) -> list[int]:
     return worker_batches(n_batches, start_batch, *_worker_slot())
+
+
+def _shard_samples(
+    url: str, data: DataConfig, wanted: Callable[[int], bool]
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """iter_tar_samples over one shard, with the run's retries and member size bound."""
+    with open_url(url, _read_retry(data)) as f:
+        yield from iter_tar_samples(
+            f, wanted, shard=url, max_member=data.max_member_bytes, size=shard_bytes(url)
+        )
+
+
+def _broken(url: str, e: OSError) -> str:
+    """A shard's failure as one log line (a TarReadError names the shard, byte and problem)."""
+    return str(e) if isinstance(e, TarReadError) else f"shard {url}: {e}"
 
 
 # ---- epoch mode ------------------------------------------------------------------------------
@@ -89,15 +104,17 @@ class _EpochStream(IterableDataset):
         for s in np.unique(shard_of):
             local = set((needed[shard_of == s] - self.offsets[s]).tolist())
             url, base = self.urls[s], int(self.offsets[s])
+            samples = _shard_samples(url, self.spec.data, local.__contains__)
             try:
-                with open_url(url, _read_retry(self.spec.data)) as f:
-                    for i, key, sample in iter_tar_samples(f, local.__contains__):
-                        yield base + i, (key, url, sample)
-                        local.discard(i)
-                        if not local:
-                            break
-            except (TarReadError, OSError) as e:
-                log.warning("shard %s: %s; %d of its samples lost", url, e, len(local))
+                for i, key, sample in samples:
+                    yield base + i, (key, url, sample)
+                    local.discard(i)
+                    if not local:
+                        break
+            except OSError as e:  # TarReadError included: counted by the caller as lost
+                log.warning("%s; %d of its samples lost", _broken(url, e), len(local))
+            finally:
+                samples.close()
 
     def _padding(self, indices: np.ndarray) -> list[Raw]:
         out = []
@@ -167,12 +184,11 @@ class _ResampledStream(IterableDataset):
         for item in shards:
             url, n = item["url"], 0
             try:
-                with open_url(url, _read_retry(self.spec.data)) as f:
-                    for _, key, sample in iter_tar_samples(f, lambda _: True):
-                        n += 1
-                        yield key, url, sample
-            except (TarReadError, OSError) as e:
-                log.warning("shard %s: %s", url, e)
+                for _, key, sample in _shard_samples(url, self.spec.data, lambda _: True):
+                    n += 1
+                    yield key, url, sample
+            except OSError as e:  # TarReadError included
+                log.warning("%s", _broken(url, e))
             if n == 0:
                 yield "", url, {}  # lets the caller notice a stream of nothing but failures
 
@@ -282,7 +298,7 @@ def build_loader(
             raise ValueError("data.steps_per_epoch must be > 0 when data.resampled is true")
         dataset: IterableDataset = _ResampledStream(spec, shard_urls, steps, rank, start_batch)
     else:
-        counts = shard_sample_counts(shard_urls, _read_retry(data))
+        counts = shard_sample_counts(shard_urls, _read_retry(data), data.max_member_bytes)
         order = epoch_shard_order(len(shard_urls), shuffle=train, seed=seed, epoch=epoch)
         shard_urls, counts = [shard_urls[i] for i in order], [counts[i] for i in order]
         batches = plan_rank_batches(

@@ -1,8 +1,10 @@
 """manifest.json, the file the shard writer puts beside a shard set: its name (`MANIFEST`,
 defined here only), writing it (last, atomically) and reading a shard's entry back for counts.
 
-Layout: {"shards": [{"name", "count", "bytes", "split"}, ...], "total", "splits", "classes",
-"skipped", "seed", "shard_size"}; readers use only the shard entries.
+Layout: {"shards": [{"name", "count", "bytes", "split", "prefix"}, ...], "total", "splits",
+"classes", "skipped", "seed", "shard_size", "prefix"}; readers use only the shard entries. The
+top-level keys describe the last write (its `prefix`); "shards" also keeps the entries of other
+shard sets in the same folder, which is how `--overwrite` knows which files are whose.
 """
 
 from __future__ import annotations

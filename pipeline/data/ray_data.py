@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig, MaskConfig
-from pipeline.data.counts import shard_sample_counts
+from pipeline.data.counts import shard_bytes, shard_sample_counts
 from pipeline.data.masks import batch_masks, fill_masked
 from pipeline.data.open import open_url
 from pipeline.data.samples import SampleSpec, decode_many, flip_rows, stack_images
-from pipeline.data.tar import TarReadError, iter_tar_samples
+from pipeline.data.tar import MAX_MEMBER_BYTES, TarReadError, iter_tar_samples
 from pipeline.data.urls import expand_urls
 
 if TYPE_CHECKING:
@@ -64,15 +64,22 @@ READ_CHUNK = 64  # raw samples per block out of the reader: small blocks keep de
 # ---- inside Ray Data tasks ----------------------------------------------------------------
 
 
-def read_shards(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+def read_shards(
+    batch: dict[str, np.ndarray], max_member: int = MAX_MEMBER_BYTES
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: the raw samples of the shards in batch["url"], READ_CHUNK at a time
     (pickled {ext: bytes}, since member sets differ between samples). A shard that fails to
-    open or breaks midway loses its remaining samples (logged; the rank pads the steps)."""
+    open or breaks midway (a bad header: TarReadError) loses its remaining samples (logged;
+    the rank pads the steps)."""
     for url in batch["url"].tolist():
         rows: list[tuple[str, dict[str, bytes]]] = []
         try:
             with open_url(url) as f:
-                for _, key, sample in iter_tar_samples(f, lambda _: True):
+                size = shard_bytes(url)
+                samples = iter_tar_samples(
+                    f, lambda _: True, shard=url, max_member=max_member, size=size
+                )
+                for _, key, sample in samples:
                     rows.append((key, sample))
                     if len(rows) == READ_CHUNK:
                         yield _raw_block(url, rows)
@@ -166,7 +173,7 @@ def build_dataset(
     shard_urls = expand_urls(urls)
     ds = ray.data.from_items([{"url": u} for u in shard_urls], override_num_blocks=len(shard_urls))
     ds = ds.randomize_block_order(seed=order_seed)
-    ds = ds.map_batches(read_shards, batch_size=1)
+    ds = ds.map_batches(read_shards, batch_size=1, fn_kwargs={"max_member": data.max_member_bytes})
     kwargs = {"data": data, "mask": mask, "seed": seed, "first_epoch": first_epoch}
     return ds.map_batches(decode_rows, batch_size=READ_CHUNK, fn_kwargs=kwargs)
 
@@ -281,7 +288,7 @@ def epoch_batches(
     (pipeline.data.counts: manifest, else a header scan)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    n = sum(shard_sample_counts(expand_urls(urls)))
+    n = sum(shard_sample_counts(expand_urls(urls), max_member=data.max_member_bytes))
     steps = steps_per_epoch(n, world_size, data.batch_size)
     if steps <= 0:
         raise ValueError(

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
+import logging
 import multiprocessing
 import os
 import re
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST, write_manifest
 from pipeline.data.urls import is_local, local_path
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 # Every tar member gets this mtime (the epoch), so the same source and seed give the same bytes
@@ -73,20 +78,35 @@ def _safe_key(text: str) -> str:
 
 
 def _checked_file(path: Path) -> tuple[str, bytes]:
-    """The file's bytes, after decoding them once: truncated or non-image files raise here.
-    JPEG draft mode makes the check a 1/8-scale decode (it still reads the whole stream)."""
+    """The file's bytes, after decoding them once: truncated or non-image files raise here
+    (ValueError / OSError / SyntaxError, which write_shard lists as skipped). JPEG draft mode
+    makes the check a 1/8-scale decode (it still reads the whole stream). A decompression bomb
+    (PIL's DecompressionBombWarning, over Image.MAX_IMAGE_PIXELS, made an error here; its
+    DecompressionBombError, over twice that) and any other decoder failure is a ValueError:
+    the sources are untrusted, and one bad file must not end the whole run."""
     data = path.read_bytes()
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decoded_once(path, data), data
     except UnidentifiedImageError:  # its message names the BytesIO's address: not repeatable
         raise ValueError("not a readable image file") from None
-    with img:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    except (OSError, ValueError, SyntaxError):
+        raise
+    except Exception as e:  # PIL's decoders raise many types on hostile input
+        raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+def _decoded_once(path: Path, data: bytes) -> str:
+    """'jpg' or 'png' after a full (JPEG: draft) decode of `data`."""
+    with Image.open(io.BytesIO(data)) as img:
         if img.format not in ("JPEG", "PNG"):
             raise ValueError(f"{img.format} data behind a {path.suffix} name")
         img.draft("RGB", (64, 64))
         img.load()
-        ext = "jpg" if img.format == "JPEG" else "png"
-    return ext, data
+        return "jpg" if img.format == "JPEG" else "png"
 
 
 def folder_source(root: Path) -> Source:
@@ -307,17 +327,50 @@ class _Destination:
             self.fs, root = fsspec.core.url_to_fs(self.url)
             self.root = root.rstrip("/")
 
-    def existing(self, prefix: str) -> list[str]:
-        """Shards of this prefix (and a manifest) already there."""
+    def _path(self, name: str) -> str:
+        return str(self.folder / name) if self.local else f"{self.root}/{name}"
+
+    def _on_disk(self, prefix: str) -> list[str]:
+        """Names of the files in the folder that this prefix's shards would be called."""
         if self.local:
             if not self.folder.is_dir():
                 return []
-            found = [str(p) for p in sorted(self.folder.glob(f"{prefix}-*.tar"))]
-            manifest = self.folder / MANIFEST
-            return found + ([str(manifest)] if manifest.exists() else [])
-        found = sorted(self.fs.glob(f"{self.root}/{prefix}-*.tar"))
-        manifest = f"{self.root}/{MANIFEST}"
-        return found + ([manifest] if self.fs.exists(manifest) else [])
+            found = [p.name for p in self.folder.glob(f"{prefix}-*.tar")]
+        else:
+            found = [p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{prefix}-*.tar")]
+        own = set_names(prefix)
+        return sorted(n for n in found if own.fullmatch(n))
+
+    def read_manifest(self) -> list[dict]:
+        """The shard entries of the manifest already in the folder ([] when there is none, or
+        when it is unreadable: a warning says so)."""
+        try:
+            if self.local:
+                raw = (self.folder / MANIFEST).read_bytes()
+            else:
+                raw = self.fs.cat_file(f"{self.root}/{MANIFEST}")
+            entries = json.loads(raw)["shards"]
+            if not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+                raise ValueError("a shard entry without a name")
+            return entries
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring the unreadable %s in %s: %s", MANIFEST, self.url, e)
+            return []
+
+    def existing(self, prefix: str, entries: list[dict]) -> tuple[list[str], list[str]]:
+        """(this prefix's shards that `entries`, the folder's manifest, lists and that exist;
+        files named like this prefix's shards that it does not list). Only the first are ever
+        deleted: a prefix glob would also take another set's shards (`cifar-*` matches
+        `cifar-small-000000.tar`)."""
+        on_disk = self._on_disk(prefix)
+        listed = [e["name"] for e in entries if owned_by(e, prefix)]
+        if self.local:
+            listed = [n for n in listed if (self.folder / n).is_file()]
+        else:
+            listed = [n for n in listed if self.fs.exists(self._path(n))]
+        return listed, [n for n in on_disk if n not in listed]
 
     def staging(self, prefix: str) -> Path:
         if not self.local:
@@ -330,26 +383,42 @@ class _Destination:
         return brace_pattern(folder, names)
 
     def publish(self, staged: Path, manifest: dict, old: list[str]) -> None:
-        """Replace `old` by the staged shards, then write the manifest: last, so it never names
-        a shard that is not there yet."""
-        names = [s["name"] for s in manifest["shards"]]
+        """Replace the shards named in `old` by the staged shards, then write the manifest:
+        last, so it never names a shard that is not there yet."""
+        names = [s["name"] for s in manifest["shards"] if s.get("prefix") == manifest["prefix"]]
         if self.local:
-            for p in old:
-                Path(p).unlink()
+            for name in old:
+                (self.folder / name).unlink(missing_ok=True)
             for name in names:
                 os.replace(staged / name, self.folder / name)
             write_manifest(manifest, self.folder, staging=staged)
             return
         if old:
-            self.fs.rm(old)
-        self.fs.put([str(staged / n) for n in names], [f"{self.root}/{n}" for n in names])
+            self.fs.rm([self._path(n) for n in old])
+        self.fs.put([str(staged / n) for n in names], [self._path(n) for n in names])
         write_manifest(manifest, staged, staging=staged)
-        self.fs.put_file(str(staged / MANIFEST), f"{self.root}/{MANIFEST}")
+        self.fs.put_file(str(staged / MANIFEST), self._path(MANIFEST))
+
+
+def set_names(prefix: str) -> re.Pattern[str]:
+    """The names of a shard set's files: <prefix>[-train|-val|-test]-NNNNNN.tar."""
+    return re.compile(rf"{re.escape(prefix)}(-(train|val|test))?-\d{{6}}\.tar")
+
+
+def owned_by(entry: dict, prefix: str) -> bool:
+    """Whether a manifest entry belongs to this prefix's set: its `prefix` field, or for a
+    manifest written before entries had one, its name."""
+    if "prefix" in entry:
+        return entry["prefix"] == prefix
+    return bool(set_names(prefix).fullmatch(entry["name"]))
 
 
 def existing_outputs(out: str | Path, prefix: str) -> list[str]:
-    """Shards of this prefix (and a manifest) already in `out` (a folder or an fsspec URL)."""
-    return _Destination(out).existing(prefix)
+    """This prefix's shards already in `out` (a folder or an fsspec URL): those its manifest
+    lists, then unlisted files named like them."""
+    dest = _Destination(out)
+    listed, unlisted = dest.existing(prefix, dest.read_manifest())
+    return listed + unlisted
 
 
 def brace_pattern(folder: str | Path, names: list[str]) -> str:
@@ -383,12 +452,16 @@ def write_shards(
     if workers < 1:
         raise SourceError(f"--workers must be >= 1, got {workers}")
     dest = _Destination(out)
-    old = dest.existing(prefix)
-    if old and not overwrite:
-        names = [p.rsplit("/", 1)[-1] for p in old]
+    entries = dest.read_manifest()
+    old, unlisted = dest.existing(prefix, entries)
+    if (old or unlisted) and not overwrite:
+        names = old + unlisted
         raise FileExistsError(
             f"{out} already holds {names[:4]}...; pass --overwrite to replace them"
         )
+    if unlisted:
+        log.warning("%s: %s not in its %s: left in place unless a new shard takes its name",
+                    out, unlisted[:4], MANIFEST)  # fmt: skip
     splits = split_items(source.items, test_fraction, seed, val_fraction)
     jobs = plan_shards(splits, prefix, shard_size)
     tmp = dest.staging(prefix)
@@ -396,7 +469,14 @@ def write_shards(
         (tmp / "plan").mkdir()
         results = _write_planned(jobs, tmp / "plan", workers, progress)
         manifest = _assemble(source, splits, jobs, results, tmp, dest)
-        manifest["seed"], manifest["shard_size"] = seed, shard_size
+        manifest["seed"], manifest["shard_size"], manifest["prefix"] = seed, shard_size, prefix
+        for entry in manifest["shards"]:
+            entry["prefix"] = prefix
+        mine = {s["name"] for s in manifest["shards"]}
+        # Other sets in the folder keep their entries (their counts stay known to readers).
+        manifest["shards"] += [
+            e for e in entries if not owned_by(e, prefix) and e["name"] not in mine
+        ]
         dest.publish(tmp, manifest, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
