@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking_queue import TrackingQueue
-from pipeline.tracking_send import MlflowSender, is_permanent
-from pipeline.tracking_spool import Spool
+from pipeline.tracking.queue import TrackingQueue
+from pipeline.tracking.send import MlflowSender, is_permanent
+from pipeline.tracking.spool import Spool
 
 RUN_NAME_TAG = "ce.run_name"  # ties an MLflow run to the Ray Train run it tracks (for resume)
 

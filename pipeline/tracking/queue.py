@@ -10,14 +10,14 @@ the memory lasts, or a worker killed during one, would lose data. Here:
   server has acknowledged them;
 - when a send fails, the thread warns once (for the logger's lifetime), backs off (0.5 s doubling
   to `max_backoff_s`) and, while the server is down, writes what it holds to the spool file
-  (`pipeline.tracking_spool`) at every retry, so a hard kill loses at most one retry interval;
+  (`pipeline.tracking.spool`) at every retry, so a hard kill loses at most one retry interval;
   while the server is up, memory is bounded by `max_memory` entries, beyond which it spills too;
 - the spool is sent first (oldest entries first), also by the next process that opens the same
   run's spool (a resumed rank 0, or `python -m jobs.replay_tracking`);
 - a batch that failed may still have been applied (a timeout after the server wrote it): its
   entries are marked ambiguous and `send` checks them against the run before resending.
 
-`send(batch, ambiguous_upto)` does the MLflow calls (`pipeline.tracking_send`); this module
+`send(batch, ambiguous_upto)` does the MLflow calls (`pipeline.tracking.send`); this module
 knows nothing of MLflow.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.tracking_spool import Entry, Spool
+from pipeline.tracking.spool import Entry, Spool
 
 SendFn = Callable[[list[Entry], int], None]
 

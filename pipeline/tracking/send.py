@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.tracking_spool import Entry
+from pipeline.tracking.spool import Entry
 
 # HTTP statuses that mean "this request will never succeed": drop it rather than block the queue.
 _RETRYABLE_4XX = {408, 429}

@@ -26,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-Entry = dict[str, Any]  # {"seq": int, "kind": str, ...}; see pipeline.tracking_queue
+Entry = dict[str, Any]  # {"seq": int, "kind": str, ...}; see pipeline.tracking.queue
 
 
 class Spool:
