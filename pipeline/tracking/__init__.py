@@ -9,7 +9,7 @@
 The public names are re-exported here: `from pipeline.tracking import RunLogger, ...`.
 """
 
-from pipeline.tracking.queue import OUTAGE_TAG
+from pipeline.tracking.queue import LOST_METRIC, LOST_TAG, OUTAGE_TAG, REJECTED_METRIC
 from pipeline.tracking.runs import (
     BOUNDED_HTTP_ENV,
     REPLAY_COMMAND,
@@ -29,14 +29,19 @@ from pipeline.tracking.runs import (
     start_or_resume_run,
     tracked_run,
 )
+from pipeline.tracking.spool import SpoolBusyError
 
 __all__ = [
     "BOUNDED_HTTP_ENV",
+    "LOST_METRIC",
+    "LOST_TAG",
     "OUTAGE_TAG",
+    "REJECTED_METRIC",
     "REPLAY_COMMAND",
     "RUN_NAME_TAG",
     "SPOOL_DIR",
     "STOPPED",
+    "SpoolBusyError",
     "RunLogger",
     "SystemMetrics",
     "TrackingUnavailableError",

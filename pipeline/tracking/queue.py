@@ -15,7 +15,14 @@ the memory lasts, or a worker killed during one, would lose data. Here:
 - the spool is sent first (oldest entries first), also by the next process that opens the same
   run's spool (a resumed rank 0, or `python -m jobs.replay_tracking`);
 - a batch that failed may still have been applied (a timeout after the server wrote it): its
-  entries are marked ambiguous and `send` checks them against the run before resending.
+  entries are marked ambiguous and `send` checks them against the run before resending;
+- a batch the server rejects for good (HTTP 4xx) is resent one entry at a time, and each entry
+  rejected alone goes to the spool's dead-letter file: never counted as sent, never blocking;
+- when the spool cannot be written (a full disk), memory holds at most `max_memory` entries and
+  drops the oldest beyond, the spool is tried again every `spool_retry_s`; every entry lost that
+  way (or to a torn spool line) is counted, warned about, and reported to the run as the metric
+  `tracking/dropped_entries` and the tag `ce.tracking_lost` once entries flow again. Nothing the
+  sender thread meets ends it.
 
 `send(batch, ambiguous_upto)` does the MLflow calls (`pipeline.tracking.send`); this module
 knows nothing of MLflow.
@@ -38,6 +45,10 @@ SendFn = Callable[[list[Entry], int], None]
 BATCH_LIMITS = {"rows": 1000, "params": 100, "tags": 100}
 BATCHABLE = ("metrics", "params", "tags")
 OUTAGE_TAG = "ce.tracking_outage"
+LOST_METRIC = "tracking/dropped_entries"  # cumulative: entries lost (full disk, torn spool line)
+LOST_TAG = "ce.tracking_lost"
+REJECTED_METRIC = "tracking/rejected_entries"  # cumulative: entries in the dead-letter file
+REJECTED_TAG = "ce.tracking_rejected"
 
 
 def take_batch(entries: list[Entry]) -> list[Entry]:
@@ -65,7 +76,9 @@ class OutageStats:
     outages: int = 0
     seconds: float = 0.0
     buffered: int = 0  # entries logged or pending while the server was unreachable
-    dropped: int = 0  # entries the server rejected for good (logged as errors)
+    rejected: int = 0  # entries the server rejected for good (in the dead-letter file)
+    lost: int = 0  # entries dropped: spool not writable and memory full, or a torn spool line
+    lost_reason: str = ""
     warned: bool = False
 
     def tag_value(self) -> str:
@@ -84,10 +97,11 @@ class TrackingQueue:
         max_memory: int = 1000,
         max_backoff_s: float = 10.0,
         read_ahead: int = 200,
+        spool_retry_s: float = 2.0,
     ) -> None:
         self._send, self._spool, self._is_permanent = send, spool, is_permanent
         self._max_memory, self._max_backoff_s = max_memory, max_backoff_s
-        self._read_ahead = read_ahead
+        self._read_ahead, self._spool_retry_s = read_ahead, spool_retry_s
         self._memory: list[Entry] = []  # newer than everything in the spool file
         self._lock = threading.Lock()
         self._next_seq = spool.last_seq + 1
@@ -95,29 +109,61 @@ class TrackingQueue:
         self._stop = threading.Event()
         self._abandoned = False
         self._inflight_upto = -1
+        self._single_upto = -1  # a rejected batch: its entries go one at a time up to here
+        self._delay = 0.5
         self._down_since: float | None = None
+        self._spool_down_since: float | None = None  # the spool cannot be written
+        self._spool_retry_at = 0.0
+        self._spool_full = False  # the last append failed: memory is bounded by dropping
+        self._loss_warned = False
+        self._reported = (0, 0)  # (lost, rejected) already put as metrics / tags
+        self._last_step = 0
+        self._errors = 0
         self.stats = OutageStats()
         self.sent = 0
+        if spool.skipped_lines:
+            self.lose(spool.skipped_lines, f"torn line(s) in {spool.path}, skipped")
         self._thread = threading.Thread(target=self._loop, name="tracking-sender", daemon=True)
         self._thread.start()
 
-    # ---- the caller's side: never blocks on the server ----------------------------------
+    # ---- the caller's side: never blocks on the server, nor on the disk ----------------------
 
     def put(self, kind: str, **fields: Any) -> None:
         with self._lock:
             self._memory.append({"seq": self._next_seq, "kind": kind, **fields})
             self._next_seq += 1
+            if kind == "metrics":
+                self._last_step = max([self._last_step, *(int(r[3]) for r in fields["rows"])])
             if self._down_since is not None:
                 self.stats.buffered += 1
+            dropped = self._bound_memory()
+        self._dropped(dropped)
         self._wake.set()
 
     def stage(self, name: str):
         """A path to put a payload at (an artifact's copy, an image's PNG) before `put`."""
         return self._spool.stage(name)
 
+    def unstage(self, path: str) -> None:
+        self._spool.unstage(path)
+
+    def lose(self, n: int, reason: str) -> None:
+        """Count `n` entries as lost (warned once per episode, reported to the run later)."""
+        with self._lock:
+            self.stats.lost += n
+            self.stats.lost_reason = reason
+            warn, self._loss_warned = not self._loss_warned, True
+        if warn:
+            _say(
+                f"WARNING: {n} tracking entries lost ({reason}); the losses are counted in the "
+                f"run's {LOST_METRIC} metric and {LOST_TAG} tag and the end line (this warning "
+                "is printed once until the spool is writable again)"
+            )
+
     def close(self, timeout_s: float, grace_s: float = 10.0) -> int:
         """Send what is left for at most `timeout_s`, then write the rest to the spool file.
-        Returns how many entries remain unsent (0: all delivered, spool removed)."""
+        Returns how many entries remain unsent (0: all delivered, spool removed). Never raises
+        for the disk: what cannot be kept is counted in `stats.lost` and the lock released."""
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout_s)
@@ -127,13 +173,19 @@ class TrackingQueue:
         with self._lock:
             self._abandoned = self._thread.is_alive()
             rest, self._memory = self._memory, []
-        if self._abandoned and self._inflight_upto >= 0:
-            # The stuck request may yet be applied: the next sender checks before resending.
-            self._spool.ambiguous_upto = max(self._spool.ambiguous_upto, self._inflight_upto)
-        self._spill(rest)
-        if self._down_since is not None:
-            self._end_outage()
-        return self._spool.pending()
+        try:
+            if self._abandoned and self._inflight_upto >= 0:
+                # The stuck request may yet be applied: the next sender checks before resending.
+                self._spool.ambiguous_upto = max(self._spool.ambiguous_upto, self._inflight_upto)
+                self._save_state()
+            self._spool_retry_at = 0.0
+            if not self._spill(rest):
+                self._dropped(rest, f"the spool {self._spool.path} is not writable at close")
+            if self._down_since is not None:
+                self._end_outage()
+            return self._spool.pending()
+        finally:
+            self._spool.release()
 
     def pending(self) -> int:
         with self._lock:
@@ -142,71 +194,176 @@ class TrackingQueue:
     # ---- the sender thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        delay = 0.5
         while not self._stop.is_set():
-            batch, from_file = self._next_batch()
-            if not batch:
-                if self._closing.is_set():
-                    return
-                self._wake.wait(0.2)
-                self._wake.clear()
-                continue
-            self._inflight_upto = batch[-1]["seq"]
-            if from_file:
-                self._spool.write_state(inflight_upto=batch[-1]["seq"])
             try:
-                self._send(batch, self._spool.ambiguous_upto)
-            except Exception as e:
-                if self._is_permanent(e):
-                    self._report_dropped(batch, e)
-                else:
-                    self._failed(batch, from_file, e)
-                    self._stop.wait(delay)
-                    delay = min(2 * delay, self._max_backoff_s)
-                    continue
-            delay = 0.5
-            if not self._ack(batch, from_file):
-                return
-            if self._down_since is not None:
-                self._recovered()
+                if not self._step():
+                    return
+            except Exception as e:  # noqa: BLE001 - a bug or an odd I/O error: never die of it
+                self._errors += 1
+                if self._errors <= 3:
+                    _say(f"ERROR: the tracking sender hit {_short(e)}; it goes on")
+                self._stop.wait(1.0)
+
+    def _step(self) -> bool:
+        """One batch sent, rejected, or failed and backed off. False: the thread is done."""
+        self._report_losses()
+        batch, from_file = self._next_batch()
+        if not batch:
+            if self._closing.is_set():
+                return False
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return True
+        if batch[0]["seq"] <= self._single_upto:
+            batch = batch[:1]
+        self._inflight_upto = batch[-1]["seq"]
+        if from_file:
+            self._save_state(inflight_upto=batch[-1]["seq"])
+        delivered = True
+        try:
+            self._send(batch, self._spool.ambiguous_upto)
+        except Exception as e:
+            if not self._is_permanent(e):
+                self._failed(batch, from_file, e)
+                self._stop.wait(self._delay)
+                self._delay = min(2 * self._delay, self._max_backoff_s)
+                return True
+            if len(batch) > 1:  # which entry was it? Resend them one at a time, checked first
+                self._single_upto = batch[-1]["seq"]
+                self._spool.ambiguous_upto = max(self._spool.ambiguous_upto, batch[-1]["seq"])
+                return True
+            delivered = False
+            self._reject(batch, e)
+        self._delay = 0.5
+        if not self._ack(batch, from_file, delivered):
+            return False
+        if self._down_since is not None:
+            self._recovered()
+        return True
 
     def _next_batch(self) -> tuple[list[Entry], bool]:
         with self._lock:
             spill = self._down_since is not None or len(self._memory) > self._max_memory
+            spill = spill and time.monotonic() >= self._spool_retry_at
             taken, self._memory = (self._memory, []) if spill else ([], self._memory)
-        self._spill(taken)
+        if not self._spill(taken):
+            with self._lock:
+                self._memory[:0] = taken  # back in front: older than anything put since
+                dropped = self._bound_memory()
+            self._dropped(dropped)
         if not self._spool.empty():
-            return take_batch(self._spool.head(self._read_ahead)), True
+            batch = take_batch(self._spool.head(self._read_ahead))
+            if batch:
+                return batch, True
+            if self._spool.empty():  # only acknowledged or torn lines were left
+                self._spool_io(self._spool.clear)
         with self._lock:
             return take_batch(self._memory[: self._read_ahead]), False
 
-    def _spill(self, entries: list[Entry]) -> None:
-        """Append entries (all newer than the file's) to the spool file, watermarks with them."""
-        if entries:
-            self._spool.append(entries)
-            self._spool.write_state()
+    def _spill(self, entries: list[Entry]) -> bool:
+        """Append entries (all newer than the file's) to the spool file, watermarks with them.
+        False when the disk refused them (they were not written at all)."""
+        if not entries:
+            return True
+        if not self._spool_io(self._spool.append, entries):
+            return False
+        self._save_state()
+        return True
 
-    def _ack(self, batch: list[Entry], from_file: bool) -> bool:
+    def _save_state(self, inflight_upto: int = -1) -> None:
+        self._spool_io(self._spool.write_state, inflight_upto)
+
+    def _spool_io(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Run one spool write; an OSError (ENOSPC, EIO, a read-only remount) is said once per
+        episode and never raised. Only a failed append (entries that could not be kept) puts
+        memory under its bound and the spool on a `spool_retry_s` retry timer."""
+        holds_entries = fn == self._spool.append
+        try:
+            fn(*args)
+        except OSError as e:
+            if holds_entries:
+                self._spool_full = True
+                self._spool_retry_at = time.monotonic() + self._spool_retry_s
+            if self._spool_down_since is None:
+                self._spool_down_since = time.monotonic()
+                _say(
+                    f"WARNING: cannot write the tracking spool {self._spool.path} ({_short(e)}); "
+                    f"holding at most {self._max_memory} entries in memory, dropping the oldest "
+                    f"beyond (counted), and trying the spool again every {self._spool_retry_s:g} s"
+                )
+            return False
+        if holds_entries and self._spool_down_since is not None:
+            self._spool_down_since, self._spool_full = None, False
+            with self._lock:
+                self._loss_warned = False
+            _say(f"the tracking spool {self._spool.path} is writable again")
+        return True
+
+    def _bound_memory(self) -> list[Entry]:
+        """(Under the lock.) While the spool cannot be written, the oldest entries beyond
+        `max_memory` (but none in flight) are dropped; returns them."""
+        if not self._spool_full or len(self._memory) <= self._max_memory:
+            return []
+        excess = len(self._memory) - self._max_memory
+        keep = [e for e in self._memory if e["seq"] <= self._inflight_upto]
+        droppable = [e for e in self._memory if e["seq"] > self._inflight_upto]
+        dropped = droppable[:excess]
+        self._memory = keep + droppable[excess:]
+        return dropped
+
+    def _dropped(self, entries: list[Entry], reason: str = "") -> None:
+        if not entries:
+            return
+        for e in entries:
+            if "file" in e:
+                self._spool.unstage(e["file"])
+        reason = reason or f"the spool {self._spool.path} is not writable and memory is full"
+        self.lose(len(entries), reason)
+
+    def _report_losses(self) -> None:
+        """Once entries can flow, tell the run what was lost or rejected (cumulative counts)."""
+        if self._down_since is not None:
+            return
+        with self._lock:
+            lost, rejected = self.stats.lost, self.stats.rejected
+        if (lost, rejected) == self._reported:
+            return
+        self._reported = (lost, rejected)
+        now, rows, tags = int(time.time() * 1000), [], {}
+        if lost:
+            rows.append([LOST_METRIC, float(lost), now, self._last_step])
+            tags[LOST_TAG] = f"entries={lost} last_reason={self.stats.lost_reason}"[:5000]
+        if rejected:
+            rows.append([REJECTED_METRIC, float(rejected), now, self._last_step])
+            tags[REJECTED_TAG] = f"entries={rejected} dead_letters={self._spool.dead_path}"
+        self.put("metrics", rows=rows)
+        self.put("tags", tags=tags)
+
+    def _ack(self, batch: list[Entry], from_file: bool, delivered: bool) -> bool:
         with self._lock:
             if self._abandoned:
                 return False  # close() has already spilled this batch as unsent
             last = batch[-1]["seq"]
-            if from_file:
-                self._spool.ack(last)
-            else:
+            if not from_file:
                 self._memory = [e for e in self._memory if e["seq"] > last]
             self._inflight_upto = -1
-        for e in batch:
-            if "file" in e:
-                self._spool.unstage(e["file"])
+        if from_file:  # the watermark moves in memory even if the disk refuses to persist it
+            self._spool_io(self._spool.ack, last)
+        if delivered:
+            for e in batch:
+                if "file" in e:
+                    self._spool.unstage(e["file"])
+            self.sent += len(batch)
         self._spool.tidy()
-        self.sent += len(batch)
         return True
 
     def _failed(self, batch: list[Entry], from_file: bool, error: Exception) -> None:
+        with self._lock:
+            if self._abandoned:
+                return  # the spool belongs to whoever opens it next
         self._spool.ambiguous_upto = max(self._spool.ambiguous_upto, batch[-1]["seq"])
         if from_file:
-            self._spool.write_state()
+            self._save_state()
         if self._down_since is None:
             with self._lock:
                 self._down_since = time.monotonic()
@@ -220,6 +377,20 @@ class TrackingQueue:
                     "order, when the server is back (this warning is printed once)"
                 )
 
+    def _reject(self, batch: list[Entry], error: Exception) -> None:
+        """An entry the server will never take: into the dead letters, not counted as sent."""
+        if not self._spool_io(self._spool.dead_letter, batch, _short(error, 2000)):
+            self._dropped(
+                batch, f"rejected by the server ({_short(error)}), dead letters unwritable"
+            )
+            return
+        with self._lock:
+            self.stats.rejected += len(batch)
+        _say(
+            f"ERROR: the tracking server rejected {len(batch)} entries ({_short(error)}); kept "
+            f"in {self._spool.dead_path}, not sent"
+        )
+
     def _recovered(self) -> None:
         seconds = self._end_outage()
         _say(f"the tracking server is back after {seconds:.1f} s; sending what was kept")
@@ -230,10 +401,6 @@ class TrackingQueue:
         self.stats.seconds += seconds
         self._down_since = None
         return seconds
-
-    def _report_dropped(self, batch: list[Entry], error: Exception) -> None:
-        self.stats.dropped += len(batch)
-        _say(f"ERROR: the tracking server rejected {len(batch)} entries, dropped: {_short(error)}")
 
 
 def _short(error: BaseException, n: int = 200) -> str:
