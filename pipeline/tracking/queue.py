@@ -172,6 +172,9 @@ class TrackingQueue:
             self._thread.join(grace_s)
         with self._lock:
             self._abandoned = self._thread.is_alive()
+        if not self._abandoned:  # losses not yet told to the run go out with the rest
+            self._report_losses(force=True)
+        with self._lock:
             rest, self._memory = self._memory, []
         try:
             if self._abandoned and self._inflight_upto >= 0:
@@ -320,9 +323,10 @@ class TrackingQueue:
         reason = reason or f"the spool {self._spool.path} is not writable and memory is full"
         self.lose(len(entries), reason)
 
-    def _report_losses(self) -> None:
-        """Once entries can flow, tell the run what was lost or rejected (cumulative counts)."""
-        if self._down_since is not None:
+    def _report_losses(self, force: bool = False) -> None:
+        """Once entries can flow (or at close, into the spool), tell the run what was lost or
+        rejected: cumulative counts, so the last value is the total."""
+        if self._down_since is not None and not force:
             return
         with self._lock:
             lost, rejected = self.stats.lost, self.stats.rejected

@@ -40,8 +40,15 @@ Entry = dict[str, Any]  # {"seq": int, "kind": str, ...}; see pipeline.tracking.
 
 def open_for_write(path: Path, mode: str) -> BinaryIO:
     """Every write to the spool goes through here (one place where a full disk shows up, and
-    where a test without a small filesystem to fill injects one)."""
-    return path.open(mode)
+    where a test without a small filesystem to fill injects one). Unbuffered: a write error
+    surfaces at `write`, not again when the file is closed."""
+    return path.open(mode, buffering=0)
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]
 
 
 class SpoolBusyError(RuntimeError):
@@ -212,27 +219,27 @@ class Spool:
         if not entries:
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(e) + "\n" for e in entries).encode()
         with open_for_write(self.path, "a+b") as f:
             size = f.seek(0, os.SEEK_END)
             try:
                 if size > 0:  # a line cut short by a hard kill must not swallow the next one
                     f.seek(size - 1)
                     if f.read(1) != b"\n":
-                        f.write(b"\n")
-                f.write("".join(json.dumps(e) + "\n" for e in entries).encode())
-                f.flush()
+                        data = b"\n" + data
+                _write_all(f, data)
                 os.fsync(f.fileno())  # the spool is the durable copy: a hard kill must not lose it
             except OSError:
-                f.truncate(size)  # frees what was written: succeeds on a full disk
+                os.ftruncate(f.fileno(), size)  # frees what was written: works on a full disk
                 raise
         self.last_seq = max(self.last_seq, entries[-1]["seq"])
 
     def dead_letter(self, entries: list[Entry], error: str) -> None:
         """Keep entries the server rejected for good, with why, beside the spool."""
         self.root.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps({**e, "error": error}) + "\n" for e in entries).encode()
         with open_for_write(self.dead_path, "ab") as f:
-            f.write("".join(json.dumps({**e, "error": error}) + "\n" for e in entries).encode())
-            f.flush()
+            _write_all(f, data)
             os.fsync(f.fileno())
 
     def write_state(self, inflight_upto: int = -1) -> None:
@@ -245,7 +252,7 @@ class Spool:
         data = json.dumps({"acked": self.acked, "ambiguous_upto": ambiguous}).encode()
         try:
             with open_for_write(tmp, "wb") as f:
-                f.write(data)
+                _write_all(f, data)
             os.replace(tmp, self.ack_path)
         except OSError:
             tmp.unlink(missing_ok=True)
@@ -254,7 +261,7 @@ class Spool:
             # A full disk has no block for a new file, but the old one's block can be rewritten
             # (not atomic: a crash in between leaves it unreadable, see _read_state).
             with open_for_write(self.ack_path, "r+b") as f:
-                f.write(data)
+                _write_all(f, data)
                 f.truncate()
 
     def ack(self, seq: int) -> None:
