@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import LOST_METRIC, LOST_TAG, REJECTED_METRIC, RunLogger, client, new_run
+from pipeline.tracking import (
+    LOST_METRIC,
+    LOST_TAG,
+    REJECTED_METRIC,
+    RunLogger,
+    client,
+    new_run,
+    tracked_run,
+)
 from pipeline.tracking import spool as spool_module
 from pipeline.tracking.queue import TrackingQueue
 from pipeline.tracking.send import MlflowSender, is_permanent
@@ -164,7 +172,8 @@ def test_server_killed_and_restarted_on_a_full_disk_loses_only_counted_entries(
 
     server.start()
     line = logger.close(timeout_s=60)
-    assert line.startswith("[tracking] all ") and f"; {lost} entries LOST (" in line, line
+    assert line.startswith("[tracking] ") and " entries sent to " in line, line
+    assert f"; {lost} entries LOST (" in line and "NOT sent" not in line
     got = steps(server.uri, run_id, "loss")
     assert len(got) == len(set(got))  # nothing twice
     missing = sorted(set(range(100)) - set(got))
@@ -288,3 +297,26 @@ def test_rejected_entries_go_to_dead_letters_and_are_not_counted_sent(uri, tmp_p
     assert [list(d["params"]) for d in dead] == [["../escape"]]
     assert "Invalid value" in dead[0]["error"]
     assert not again.spool.path.exists()
+
+
+def test_a_full_disk_with_the_server_down_costs_counted_entries_never_the_run(uri, full_disk):
+    """Nothing can be sent nor kept: every entry is lost, each counted, and closing the logger
+    inside the run's block neither raises nor fails the finished run."""
+    from PIL import Image
+
+    run_id = new_run(uri, "faults", "nowhere")
+    full_disk.fill()
+    with tracked_run(uri, run_id):
+        logger = RunLogger(dead_uri(), run_id, spool_dir=full_disk.path / "spool", max_memory=4,
+                           max_backoff_s=0.2, spool_retry_s=0.2)  # fmt: skip
+        for step in range(10):
+            logger.metrics({"loss": float(step)}, step=step)
+        logger.image(Image.new("RGB", (64, 64)), key="samples", step=9)
+        logger.png(Image.new("RGB", (64, 64)), "samples/step_9.png")
+        queue = logger._queue
+        line = logger.close(timeout_s=1)
+    assert queue.stats.lost == 12 and "; 12 entries LOST (" in line, line
+    assert line.startswith("[tracking] 0 entries sent to ")
+    assert client(uri).get_run(run_id).info.status == "FINISHED"
+    files = full_disk.path / "spool" / f"{run_id}.files"
+    assert not list(files.rglob("*.png"))  # no payload left behind for entries that are gone

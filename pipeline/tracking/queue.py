@@ -320,8 +320,12 @@ class TrackingQueue:
         for e in entries:
             if "file" in e:
                 self._spool.unstage(e["file"])
-        reason = reason or f"the spool {self._spool.path} is not writable and memory is full"
-        self.lose(len(entries), reason)
+        logged = [e for e in entries if not e.get("report")]
+        if len(logged) < len(entries):
+            self._reported = (0, 0)  # a loss report itself was dropped: put it again later
+        if logged:
+            reason = reason or f"the spool {self._spool.path} is not writable and memory is full"
+            self.lose(len(logged), reason)
 
     def _report_losses(self, force: bool = False) -> None:
         """Once entries can flow (or at close, into the spool), tell the run what was lost or
@@ -340,8 +344,8 @@ class TrackingQueue:
         if rejected:
             rows.append([REJECTED_METRIC, float(rejected), now, self._last_step])
             tags[REJECTED_TAG] = f"entries={rejected} dead_letters={self._spool.dead_path}"
-        self.put("metrics", rows=rows)
-        self.put("tags", tags=tags)
+        self.put("metrics", rows=rows, report=True)  # report: not counted if itself dropped
+        self.put("tags", tags=tags, report=True)
 
     def _ack(self, batch: list[Entry], from_file: bool, delivered: bool) -> bool:
         with self._lock:

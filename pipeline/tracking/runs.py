@@ -353,7 +353,8 @@ class RunLogger:
         if stats.rejected:
             outage += f"; {stats.rejected} rejected by the server, kept in {self.spool.dead_path}"
         if left == 0:
-            return f"[tracking] all {queue.sent} entries sent to {self.uri}{outage}"
+            every = "" if stats.lost or stats.rejected else "all "
+            return f"[tracking] {every}{queue.sent} entries sent to {self.uri}{outage}"
         replay = REPLAY_COMMAND.format(uri=self.uri, dir=self.spool.root)
         return (
             f"[tracking] {left} entries NOT sent to {self.uri} within {timeout_s:g} s{outage}; "
