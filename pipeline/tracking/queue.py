@@ -186,7 +186,10 @@ class TrackingQueue:
                 self._dropped(rest, f"the spool {self._spool.path} is not writable at close")
             if self._down_since is not None:
                 self._end_outage()
-            return self._spool.pending()
+            try:
+                return self._spool.pending()
+            except OSError:  # unreadable now: at most what was never acknowledged
+                return max(0, self._spool.last_seq - self._spool.acked)
         finally:
             self._spool.release()
 

@@ -344,8 +344,10 @@ class RunLogger:
         if self._queue is None:
             return "[tracking] sent (synchronous)"
         queue, self._queue = self._queue, None
-        left = queue.close(timeout_s)
-        _set_env(self._saved_env)
+        try:
+            left = queue.close(timeout_s)
+        finally:
+            _set_env(self._saved_env)
         stats = queue.stats
         outage = f"; outage: {stats.tag_value()}" if stats.outages else ""
         if stats.lost:
