@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipeline.tracking import RunLogger, client, new_run
-from pipeline.tracking_queue import OUTAGE_TAG
+from pipeline.tracking.queue import OUTAGE_TAG
 from servers import MlflowServer
 
 

@@ -1,4 +1,4 @@
-"""pipeline.tracking_queue / tracking_spool / tracking_send on a real sqlite MLflow store: the
+"""pipeline.tracking.queue / spool / send on a real sqlite MLflow store: the
 outage is a real unreachable server (a loopback port nothing listens on), or a failure injected
 at the transport boundary around the real sender; the spool is a real file."""
 
@@ -11,9 +11,9 @@ import time
 import pytest
 
 from pipeline.tracking import RunLogger, client, new_run
-from pipeline.tracking_queue import OUTAGE_TAG, TrackingQueue, take_batch
-from pipeline.tracking_send import MlflowSender, is_permanent
-from pipeline.tracking_spool import Spool
+from pipeline.tracking.queue import OUTAGE_TAG, TrackingQueue, take_batch
+from pipeline.tracking.send import MlflowSender, is_permanent
+from pipeline.tracking.spool import Spool
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_staging_a_payload_races_no_tidy_of_the_folder(tmp_path):
     away whenever the spool is empty: staging must never fail (a crash of the training step)."""
     import threading
 
-    from pipeline.tracking_spool import Spool
+    from pipeline.tracking.spool import Spool
 
     spool, errors, done = Spool(tmp_path, "run"), [], threading.Event()
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking_queue import TrackingQueue
-from pipeline.tracking_send import MlflowSender, is_permanent
-from pipeline.tracking_spool import Spool
+from pipeline.tracking.queue import TrackingQueue
+from pipeline.tracking.send import MlflowSender, is_permanent
+from pipeline.tracking.spool import Spool
 
 RUN_NAME_TAG = "ce.run_name"  # ties an MLflow run to the Ray Train run it tracks (for resume)
 
@@ -206,7 +206,11 @@ class RunLogger:
     call returns at once: entries go through a `TrackingQueue` whose sender thread survives a
     tracking-server outage, keeping what it cannot send in `<spool_dir>/<run_id>.jsonl` and
     sending it, in order and exactly once, when the server is back or when a logger for the
-    same run opens that spool again. Call `close` at the end (it bounds the final flush)."""
+    same run opens that spool again. Call `close` at the end (it bounds the final flush).
+
+    One process at a time sends a run's spool: the logger takes its lock, waiting at most
+    `lock_wait_s` for another holder (a replay), then raises `SpoolBusyError`. A spool that
+    cannot be written (a full disk) costs entries, counted and reported, never the run."""
 
     def __init__(
         self,
@@ -216,6 +220,8 @@ class RunLogger:
         *,
         max_memory: int = 1000,
         max_backoff_s: float = 10.0,
+        lock_wait_s: float = 600.0,
+        spool_retry_s: float = 2.0,
     ) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri)
@@ -223,11 +229,11 @@ class RunLogger:
         self._monitor: SystemMetrics | None = None
         self.last_step = 0
         if spool_dir is not None:
+            self.spool = Spool(spool_dir, run_id, lock=True, wait_s=lock_wait_s)
             self._saved_env = _set_env(BOUNDED_HTTP_ENV)
-            self.spool = Spool(spool_dir, run_id)
             self._queue = TrackingQueue(
                 MlflowSender(self._client, run_id), self.spool, is_permanent=is_permanent,
-                max_memory=max_memory, max_backoff_s=max_backoff_s,
+                max_memory=max_memory, max_backoff_s=max_backoff_s, spool_retry_s=spool_retry_s,
             )  # fmt: skip
 
     def params(self, params: dict[str, Any]) -> None:
@@ -268,17 +274,17 @@ class RunLogger:
         if self._queue is None:
             self._client.log_image(self.run_id, image, key=key, step=step, timestamp=ts)
             return
-        path = self._queue.stage(f"{key.replace('/', '_')}.png")
-        image.save(path, format="PNG")
-        self._queue.put("image", file=str(path), key=key, step=step, ts=ts)
+        path = self._staged(f"{key.replace('/', '_')}.png", lambda p: image.save(p, format="PNG"))
+        if path is not None:
+            self._queue.put("image", file=str(path), key=key, step=step, ts=ts)
 
     def bytes(self, data: bytes, artifact_file: str) -> None:
         import tempfile
 
         if self._queue is not None:
-            path = self._queue.stage(Path(artifact_file).name)
-            path.write_bytes(data)
-            self._put_artifact(path, artifact_file)
+            path = self._staged(Path(artifact_file).name, lambda p: p.write_bytes(data))
+            if path is not None:
+                self._put_artifact(path, artifact_file)
             return
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / Path(artifact_file).name
@@ -289,11 +295,25 @@ class RunLogger:
     def file(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._queue is not None:
             # A copy: the caller's file (often in a temporary folder) may be gone by send time.
-            staged = self._queue.stage(Path(path).name)
-            shutil.copyfile(path, staged)
-            self._queue.put("artifact", file=str(staged), artifact_path=artifact_path)
+            staged = self._staged(Path(path).name, lambda p: shutil.copyfile(path, p))
+            if staged is not None:
+                self._queue.put("artifact", file=str(staged), artifact_path=artifact_path)
             return
         self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def _staged(self, name: str, write) -> Path | None:
+        """A payload written into the spool's folder; None (the entry counted as lost) when the
+        disk refuses it: a full disk costs that image or file, never the training step."""
+        path = None
+        try:
+            path = self._queue.stage(name)
+            write(path)
+            return path
+        except OSError as e:
+            if path is not None:
+                self._queue.unstage(str(path))
+            self._queue.lose(1, f"cannot write {name} into {self.spool.files} ({e})")
+            return None
 
     def _put_artifact(self, staged: Path, artifact_file: str) -> None:
         parent = Path(artifact_file).parent.as_posix()
@@ -324,11 +344,19 @@ class RunLogger:
         if self._queue is None:
             return "[tracking] sent (synchronous)"
         queue, self._queue = self._queue, None
-        left = queue.close(timeout_s)
-        _set_env(self._saved_env)
-        outage = f"; outage: {queue.stats.tag_value()}" if queue.stats.outages else ""
+        try:
+            left = queue.close(timeout_s)
+        finally:
+            _set_env(self._saved_env)
+        stats = queue.stats
+        outage = f"; outage: {stats.tag_value()}" if stats.outages else ""
+        if stats.lost:
+            outage += f"; {stats.lost} entries LOST ({stats.lost_reason})"
+        if stats.rejected:
+            outage += f"; {stats.rejected} rejected by the server, kept in {self.spool.dead_path}"
         if left == 0:
-            return f"[tracking] all {queue.sent} entries sent to {self.uri}{outage}"
+            every = "" if stats.lost or stats.rejected else "all "
+            return f"[tracking] {every}{queue.sent} entries sent to {self.uri}{outage}"
         replay = REPLAY_COMMAND.format(uri=self.uri, dir=self.spool.root)
         return (
             f"[tracking] {left} entries NOT sent to {self.uri} within {timeout_s:g} s{outage}; "

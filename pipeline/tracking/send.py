@@ -14,18 +14,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.tracking_spool import Entry
+from pipeline.tracking.spool import Entry
 
 # HTTP statuses that mean "this request will never succeed": drop it rather than block the queue.
 _RETRYABLE_4XX = {408, 429}
 
 
 def is_permanent(error: BaseException) -> bool:
-    """A rejection by the server (4xx), or a payload that cannot be sent, as opposed to the
-    server being unreachable, slow or failing (retry those)."""
-    from mlflow.exceptions import RestException
+    """A rejection by the store (HTTP 4xx from a server, the same error codes from a database
+    store: an unknown run, a bad value), or a payload that cannot be sent, as opposed to the
+    server being unreachable, slow or failing (retry those: MLflow's client reports them as
+    INTERNAL_ERROR, status 500)."""
+    from mlflow.exceptions import MlflowException
 
-    if isinstance(error, RestException):
+    if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return 400 <= status < 500 and status not in _RETRYABLE_4XX
     return isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError))
