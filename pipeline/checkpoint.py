@@ -183,7 +183,9 @@ def upload_checkpoint_dir(
         fs.create_dir(dest, recursive=True)
         for name in names:
             _copy_file(local / name, fs, f"{dest}/{name}", step)
+        _fsync_local(fs, dest, names)  # the files are on disk before the proof that they are
         _copy_file(local / MANIFEST_FILE, fs, f"{dest}/{MANIFEST_FILE}", step)  # the proof, last
+        _fsync_local(fs, dest, [MANIFEST_FILE])
 
     try:
         Retrier(policy, f"checkpoint upload to {uri}").call(copy_all)
@@ -203,6 +205,26 @@ def _copy_file(src: Path, fs: pafs.FileSystem, dst: str, step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # test-only: die with half the file written
         while chunk := f.read(_COPY_CHUNK):
             out.write(chunk)
+
+
+def _fsync_local(fs: pafs.FileSystem, dest: str, names: list[str]) -> None:
+    """On local storage, flush `names` in `dest`, `dest` itself and its parent to disk: a
+    power cut after the upload returned must not lose a checkpoint Ray Train has registered
+    (and may have pruned older ones for). Object stores acknowledge only durable writes."""
+    if fs.type_name != "local":
+        return
+    for name in names:
+        fd = os.open(os.path.join(dest, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in (dest, os.path.dirname(dest.rstrip("/"))):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _test_kill_point(step: int, src: Path) -> int | None:
