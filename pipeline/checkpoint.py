@@ -250,9 +250,17 @@ def _test_kill_point(step: int, src: Path) -> int | None:
     return src.stat().st_size // 2
 
 
-def checkpoint_dirs(fs: pafs.FileSystem, run_path: str) -> list[str]:
-    """Paths of the run's checkpoint folders (complete or not), in name order."""
-    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+def checkpoint_dirs(
+    fs: pafs.FileSystem, run_path: str, policy: RetryPolicy = READ_RETRIES
+) -> list[str]:
+    """Paths of the run's checkpoint folders (complete or not), in name order; the listing is
+    retried on transient errors (past `policy`: CheckpointReadError)."""
+    selector = pafs.FileSelector(run_path, allow_not_found=True)
+    uri = storage_uri(fs, run_path)
+    try:
+        infos = Retrier(policy, f"listing {uri}").call(lambda: fs.get_file_info(selector))
+    except RetriesExhaustedError as e:
+        raise CheckpointReadError(_unreadable(uri, e)) from e
     return sorted(
         i.path
         for i in infos
@@ -348,7 +356,7 @@ def stored_config(
     """The config in the manifest of the run's newest checkpoint (by step) that records one;
     None when the run has no checkpoint, or only ones written before manifests held configs."""
     found = []
-    for p in checkpoint_dirs(fs, run_path):
+    for p in checkpoint_dirs(fs, run_path, policy):
         manifest = _read_manifest(fs, p, policy)
         if manifest is not None and isinstance(manifest.get("config"), dict):
             found.append((int(manifest["step"]), p, manifest["config"]))
@@ -383,7 +391,7 @@ def choose_checkpoint(
     from an older checkpoint (whose later reports would have Ray prune the newer one). None when
     the run has no checkpoint at all; RuntimeError naming the run when Ray offered one but none
     is complete (starting from scratch would silently throw the run's progress away)."""
-    paths = set(checkpoint_dirs(fs, run_path)) | ({offered} if offered else set())
+    paths = set(checkpoint_dirs(fs, run_path, policy)) | ({offered} if offered else set())
     ranked, skipped = [], []
     for p in paths:
         step = _remote_step(fs, p, policy)

@@ -175,6 +175,7 @@ def test_rerun_with_another_config_exits_2_before_anything_starts(tmp_path, shar
 # ---- real Ray Train runs --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two Ray Train runs: ~2-3 min on a loaded 2-core machine
 def test_allowed_change_resumes_tags_and_refingerprints(tmp_path, shards, ray_local, one_thread):
     from mlflow import MlflowClient
 
@@ -207,6 +208,3 @@ def test_allowed_change_resumes_tags_and_refingerprints(tmp_path, shards, ray_lo
 
     latest = stored_config(pafs.LocalFileSystem(), str(Path(storage_path(str(root))) / "same-name"))
     assert latest is not None and latest.step == 4 and latest.config["train"]["lr_d"] == 3e-4
-    # and a third run with the new values is the same run again: no refusal, no new tags
-    third = pretrain.main(tiny(root, shards, **{"train.lr_d": 3e-4, "train.max_steps": 4}))
-    assert third.mlflow_run_id == first.mlflow_run_id
