@@ -61,10 +61,18 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old value, new value)} for every key that differs (a key only one side
-    has, as a config written before the key existed, counts as changed to or from None)."""
+    """{dotted key: (old value, new value)} for every key that differs. A key the stored config
+    lacks (written before the key existed) counts only when the new value is not its default,
+    so adding a config key does not block resuming every older run; a key that no longer
+    exists is ignored."""
     a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    defaults = flatten(to_dict(Config()))
+    changes = {}
+    for k in sorted(b):
+        before = a[k] if k in a else defaults.get(k)
+        if before != b[k]:
+            changes[k] = (a.get(k), b[k])
+    return changes
 
 
 def _adversarial(config: dict[str, Any]) -> bool:

@@ -107,6 +107,11 @@ def test_check_resume_refuses_allows_and_never_allows_architecture():
         "config_change.run.allow_config_change": "False -> True",
         "config_change.train.lr_d": "0.0002 -> 0.001",
     }
+    # A key the stored config lacks (an older version wrote it) counts only off its default.
+    older = to_dict(Config())
+    del older["run"]["allow_config_change"], older["train"]["log_every"]
+    assert check_resume(older, to_dict(Config()), run_name="r", step=1) == {}
+    assert check_resume(older, safe, run_name="r", step=1)["train.log_every"] == (None, 5)
     arch = to_dict(load_config(None, ["model.width=32", "run.allow_config_change=true"]))
     with pytest.raises(ConfigError, match=r"model.width \(64 -> 32\) cannot change on resume"):
         check_resume(old, arch, run_name="r", step=1)
