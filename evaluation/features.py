@@ -122,13 +122,19 @@ def _discard_download(path: Path, download_dir: Path) -> None:
 
 
 def load_encoder(
-    name: str, uri: str, download_dir: str | Path, tracking_uri: str | None = None
+    name: str,
+    uri: str,
+    download_dir: str | Path,
+    tracking_uri: str | None = None,
+    allow_pickle: bool | None = None,
 ) -> Encoder:
     """Load a pretrained encoder (frozen, eval mode): a generator from a checkpoint path or a
     `runs:/` URI, or the encoder-only MLflow Model behind a `models:/` URI
-    (models:/NAME@alias, models:/NAME/VERSION, models:/m-ID)."""
+    (models:/NAME@alias, models:/NAME/VERSION, models:/m-ID). Nothing is unpickled but tensors:
+    a model is rebuilt from its weights-only copy, and one without is refused unless
+    `allow_pickle` (default: CE_ALLOW_PICKLE_MODELS=1), see pipeline.mlflow_encoder."""
     if uri.startswith("models:/"):
-        return _load_mlflow_model(name, uri, tracking_uri)
+        return _load_mlflow_model(name, uri, tracking_uri, allow_pickle)
     from pipeline.checkpoint import load_generator
 
     path = resolve_checkpoint(uri, download_dir, tracking_uri)
@@ -138,14 +144,16 @@ def load_encoder(
     return Encoder(name=name, module=g, config=cfg, weights=weights_hash(g), source=uri)
 
 
-def _load_mlflow_model(name: str, uri: str, tracking_uri: str | None) -> Encoder:
+def _load_mlflow_model(
+    name: str, uri: str, tracking_uri: str | None, allow_pickle: bool | None = None
+) -> Encoder:
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import from_dict
     from pipeline.mlflow_encoder import load_encoder_model
 
     try:
-        enc = load_encoder_model(uri, tracking_uri)
+        enc = load_encoder_model(uri, tracking_uri, allow_pickle)
     except MlflowException as err:
         msg = f"encoder model {uri!r} not found (tracking URI {tracking_uri}): {err}"
         raise FileNotFoundError(msg) from err

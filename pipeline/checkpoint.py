@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -33,7 +34,7 @@ import torch
 
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.model import Generator, build_generator
-from pipeline.retry import Retrier, RetryPolicy
+from pipeline.retry import Retrier, RetriesExhaustedError, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a 
 # file records that it happened, so the restarted run gets past that step).
 KILL_ENV = "CE_TEST_KILL_DURING_CHECKPOINT"
 _COPY_CHUNK = 8 << 20
+# Resume reads (manifests, checkpoint downloads): run.upload_retries' defaults, unless given.
+READ_RETRIES = RetryPolicy(retries=3, backoff_s=1.0)
 _URI_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name
 
 
@@ -117,15 +120,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path, step: int) -> dict[str, Any]:
-    """Write `folder/checkpoint_manifest.json` (size and sha256 of every other file in it)."""
+def write_manifest(
+    folder: str | Path, step: int, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write `folder/checkpoint_manifest.json`: size and sha256 of every other file in it, and
+    the run's config (a `to_dict` dict) with its fingerprint (pipeline.identity), which a rerun
+    of the same run name is checked against before it starts."""
+    from pipeline.identity import fingerprint
+
     folder = Path(folder)
     files = {
         p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
     }
-    manifest = {"step": int(step), "files": files}
+    manifest: dict[str, Any] = {"step": int(step), "files": files}
+    if config is not None:
+        manifest |= {"config": config, "config_fingerprint": fingerprint(config)}
     tmp = folder / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, folder / MANIFEST_FILE)
@@ -183,7 +194,9 @@ def upload_checkpoint_dir(
         fs.create_dir(dest, recursive=True)
         for name in names:
             _copy_file(local / name, fs, f"{dest}/{name}", step)
+        _fsync_local(fs, dest, names)  # the files are on disk before the proof that they are
         _copy_file(local / MANIFEST_FILE, fs, f"{dest}/{MANIFEST_FILE}", step)  # the proof, last
+        _fsync_local(fs, dest, [MANIFEST_FILE])
 
     try:
         Retrier(policy, f"checkpoint upload to {uri}").call(copy_all)
@@ -205,6 +218,26 @@ def _copy_file(src: Path, fs: pafs.FileSystem, dst: str, step: int) -> None:
             out.write(chunk)
 
 
+def _fsync_local(fs: pafs.FileSystem, dest: str, names: list[str]) -> None:
+    """On local storage, flush `names` in `dest`, `dest` itself and its parent to disk: a
+    power cut after the upload returned must not lose a checkpoint Ray Train has registered
+    (and may have pruned older ones for). Object stores acknowledge only durable writes."""
+    if fs.type_name != "local":
+        return
+    for name in names:
+        fd = os.open(os.path.join(dest, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in (dest, os.path.dirname(dest.rstrip("/"))):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _test_kill_point(step: int, src: Path) -> int | None:
     """The byte to die at when CE_TEST_KILL_DURING_CHECKPOINT targets this step (tests only)."""
     spec = os.environ.get(KILL_ENV, "")
@@ -217,9 +250,17 @@ def _test_kill_point(step: int, src: Path) -> int | None:
     return src.stat().st_size // 2
 
 
-def checkpoint_dirs(fs: pafs.FileSystem, run_path: str) -> list[str]:
-    """Paths of the run's checkpoint folders (complete or not), in name order."""
-    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+def checkpoint_dirs(
+    fs: pafs.FileSystem, run_path: str, policy: RetryPolicy = READ_RETRIES
+) -> list[str]:
+    """Paths of the run's checkpoint folders (complete or not), in name order; the listing is
+    retried on transient errors (past `policy`: CheckpointReadError)."""
+    selector = pafs.FileSelector(run_path, allow_not_found=True)
+    uri = storage_uri(fs, run_path)
+    try:
+        infos = Retrier(policy, f"listing {uri}").call(lambda: fs.get_file_info(selector))
+    except RetriesExhaustedError as e:
+        raise CheckpointReadError(_unreadable(uri, e)) from e
     return sorted(
         i.path
         for i in infos
@@ -227,12 +268,26 @@ def checkpoint_dirs(fs: pafs.FileSystem, run_path: str) -> list[str]:
     )
 
 
-def _remote_step(fs: pafs.FileSystem, path: str) -> int | None:
-    """The step in a stored folder's manifest, or None when it has none (cut off) or it is
-    unreadable. Cheap: the full check happens after download."""
-    try:
+class CheckpointReadError(RuntimeError):
+    """A stored checkpoint could not be read for a transient reason, even after retries: the
+    resume stops rather than fall back to an older checkpoint (and let the newer be pruned)."""
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str, policy: RetryPolicy) -> dict[str, Any] | None:
+    """A stored folder's manifest, or None when it has none (cut off) or it is not a manifest.
+    Transient errors are retried per `policy`; past it, CheckpointReadError."""
+
+    def read() -> bytes:
         with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
-            return int(json.loads(f.read())["step"])
+            return f.read()
+
+    uri = storage_uri(fs, f"{path}/{MANIFEST_FILE}")
+    try:
+        manifest = json.loads(Retrier(policy, f"reading {uri}").call(read))
+        int(manifest["step"])
+        return manifest
+    except RetriesExhaustedError as e:
+        raise CheckpointReadError(_unreadable(uri, e)) from e
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
     except OSError as e:  # pyarrow reports a missing file on some stores as a plain OSError
@@ -240,16 +295,75 @@ def _remote_step(fs: pafs.FileSystem, path: str) -> int | None:
         return None
 
 
-def fetch_complete(fs: pafs.FileSystem, path: str, workdir: str | Path) -> Path:
-    """Download a stored checkpoint folder into `workdir` and check it; returns the local
-    folder. Raises IncompleteCheckpointError when it does not match its manifest."""
-    local = Path(workdir) / Path(path).name
-    local.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(
-        path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+def _unreadable(uri: str, err: BaseException) -> str:
+    return (
+        f"{uri} could not be read ({err}); not resuming from an older checkpoint while a newer "
+        "one may be complete. The attempt fails and Ray Train retries it (run.max_failures); "
+        "raise run.upload_retries / run.upload_backoff_s for a slow store"
     )
-    check_complete(local)
-    return local
+
+
+def _remote_step(fs: pafs.FileSystem, path: str, policy: RetryPolicy) -> int | None:
+    """The step in a stored folder's manifest, or None when it has none (cut off) or it is
+    unreadable. Cheap: the full check happens after download."""
+    manifest = _read_manifest(fs, path, policy)
+    return None if manifest is None else int(manifest["step"])
+
+
+def fetch_complete(
+    fs: pafs.FileSystem, path: str, workdir: str | Path, policy: RetryPolicy = READ_RETRIES
+) -> Path:
+    """Download a stored checkpoint folder into `workdir` and check it; returns the local
+    folder. Transient errors are retried per `policy` (past it: CheckpointReadError), and a copy
+    that does not match its manifest is downloaded once more before IncompleteCheckpointError
+    (a body cut short without an error must not make the resume fall back)."""
+    local = Path(workdir) / Path(path).name
+    uri = storage_uri(fs, path)
+    retrier = Retrier(policy, f"downloading {uri}")
+
+    def download() -> None:
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        pafs.copy_files(
+            path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+
+    for attempt in (1, 2):
+        try:
+            retrier.call(download)
+        except RetriesExhaustedError as e:
+            raise CheckpointReadError(_unreadable(uri, e)) from e
+        try:
+            check_complete(local)
+            return local
+        except IncompleteCheckpointError as e:
+            if attempt == 2:
+                raise
+            log.warning("%s; downloading it once more", e)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class StoredConfig:
+    path: str  # the checkpoint folder it was read from
+    step: int
+    config: dict[str, Any]  # pipeline.config.to_dict form
+
+
+def stored_config(
+    fs: pafs.FileSystem, run_path: str, policy: RetryPolicy = READ_RETRIES
+) -> StoredConfig | None:
+    """The config in the manifest of the run's newest checkpoint (by step) that records one;
+    None when the run has no checkpoint, or only ones written before manifests held configs."""
+    found = []
+    for p in checkpoint_dirs(fs, run_path, policy):
+        manifest = _read_manifest(fs, p, policy)
+        if manifest is not None and isinstance(manifest.get("config"), dict):
+            found.append((int(manifest["step"]), p, manifest["config"]))
+    if not found:
+        return None
+    step, path, config = max(found, key=lambda t: (t[0], t[1]))
+    return StoredConfig(path, step, config)
 
 
 @dataclass(frozen=True)
@@ -261,19 +375,26 @@ class ChosenCheckpoint:
 
 
 def choose_checkpoint(
-    fs: pafs.FileSystem, run_path: str, offered: str | None, workdir: str | Path
+    fs: pafs.FileSystem,
+    run_path: str,
+    offered: str | None,
+    workdir: str | Path,
+    policy: RetryPolicy = READ_RETRIES,
 ) -> ChosenCheckpoint | None:
     """The newest complete checkpoint of the run at `run_path`, downloaded into `workdir`.
 
     Candidates: every checkpoint folder in the run's storage plus `offered` (the one Ray Train
     hands the worker), newest step first, Ray's offer first among equals. A folder without a
-    manifest, or whose files do not match it, is skipped with a warning. None when the run has
-    no checkpoint at all; RuntimeError naming the run when Ray offered one but none is complete
-    (starting from scratch would silently throw the run's progress away)."""
-    paths = set(checkpoint_dirs(fs, run_path)) | ({offered} if offered else set())
+    manifest, or whose files do not match it, is skipped with a warning. Reads are retried on
+    transient errors per `policy`; a folder still unreadable after that raises
+    CheckpointReadError instead of being skipped, so a flaky store never makes the run resume
+    from an older checkpoint (whose later reports would have Ray prune the newer one). None when
+    the run has no checkpoint at all; RuntimeError naming the run when Ray offered one but none
+    is complete (starting from scratch would silently throw the run's progress away)."""
+    paths = set(checkpoint_dirs(fs, run_path, policy)) | ({offered} if offered else set())
     ranked, skipped = [], []
     for p in paths:
-        step = _remote_step(fs, p)
+        step = _remote_step(fs, p, policy)
         if step is None:
             skipped.append(f"{storage_uri(fs, p)}: no readable {MANIFEST_FILE} (upload cut off)")
         else:
@@ -282,7 +403,9 @@ def choose_checkpoint(
         log.warning("not resuming from %s", note)
     for step, is_offered, p in sorted(ranked, reverse=True):
         try:
-            local = fetch_complete(fs, p, workdir)
+            local = fetch_complete(fs, p, workdir, policy)
+        except CheckpointReadError:
+            raise
         except (IncompleteCheckpointError, OSError) as e:
             log.warning("not resuming from %s: %s", storage_uri(fs, p), e)
             skipped.append(str(e))
@@ -295,7 +418,7 @@ def choose_checkpoint(
         )
         log.warning("resuming from %s at step %d: %s", storage_uri(fs, p), step, why)
         return ChosenCheckpoint(p, local, step, why)
-    if offered and _remote_step(fs, offered) is None:
+    if offered and _remote_step(fs, offered, policy) is None:
         legacy = _legacy_offered(fs, offered, workdir)
         if legacy is not None:
             return legacy

@@ -9,6 +9,7 @@ target size, the per-worker batch) are computed by functions, never written back
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,6 +138,11 @@ class RunConfig:
     # server outage); the rest stays in <output_root>/tracking_spool, sent on resume.
     tracking_flush_timeout_s: float = 60.0
     system_metrics_every_s: float = 10.0  # rank 0 logs system/* metrics this often; 0 = off
+    # Resuming a run_name whose checkpoints were written with another config is refused (exit 2,
+    # naming the keys) unless this is true; the changes are then tagged on the MLflow run
+    # (config_change.<key>). Keys that never change what is trained are always allowed:
+    # pipeline.identity.SAFE_TO_CHANGE.
+    allow_config_change: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,12 +196,26 @@ def tracking_uri(run: RunConfig) -> str:
 
 # ---- validation -----------------------------------------------------------------------------
 
+# A run name is a folder of run storage and a quoted value in an MLflow filter string.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def relative_sqlite_path(uri: str) -> str | None:
+    """The path of a `sqlite:///relative/path` URI (three slashes, then no fourth), else None
+    (sqlite:////abs/path, another scheme, or no URI)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    rest = uri[len(prefix) :]
+    return rest if rest and not rest.startswith("/") else None
+
 
 def validate(cfg: Config) -> Config:
     """Check ranges and cross-field rules; returns `cfg` so calls chain."""
     # Imported here: pipeline.data imports this module.
     from pipeline.data.masks import MASKS, needs_full_image_output
 
+    rel_sqlite = relative_sqlite_path(cfg.run.tracking_uri)
     checks = [
         (
             cfg.model.image_size == cfg.data.image_size,
@@ -241,7 +261,28 @@ def validate(cfg: Config) -> Config:
         (cfg.train.lr_d > 0, "train.lr_d must be > 0"),
         (cfg.train.lr_g >= 0, "train.lr_g must be >= 0 (0 = derived from lr_d)"),
         (cfg.train.max_steps > 0, "train.max_steps must be > 0"),
+        # A modulus: 0 divides by zero at the first step, inside the workers.
+        (cfg.train.log_every > 0, "train.log_every must be > 0"),
+        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+        (cfg.train.sample_every > 0, "train.sample_every must be > 0"),
+        (cfg.train.eval_batches >= 0, "train.eval_batches must be >= 0"),
         (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
+        (cfg.run.cpus_per_worker > 0, "run.cpus_per_worker must be > 0"),
+        # Ray Train's CheckpointConfig refuses 0 only once the run is open (left RUNNING).
+        (cfg.run.num_to_keep >= 1, "run.num_to_keep must be >= 1"),
+        (cfg.run.max_failures >= -1, "run.max_failures must be >= -1 (-1 = retry forever)"),
+        (
+            not cfg.run.run_name or RUN_NAME.fullmatch(cfg.run.run_name) is not None,
+            f"run.run_name: {cfg.run.run_name!r} may hold only letters, digits, '.', '_' and "
+            "'-' (at most 128, not starting with '.' or '-'): it names a storage folder and "
+            "goes into an MLflow search filter",
+        ),
+        (
+            rel_sqlite is None,
+            f"run.tracking_uri: {cfg.run.tracking_uri!r} is a relative sqlite path, which each "
+            "process (Ray workers change directory) would resolve to another file; write it "
+            f"absolute: sqlite:///{Path(rel_sqlite or '.').resolve()}",
+        ),
         (cfg.run.tracking_flush_timeout_s >= 0, "run.tracking_flush_timeout_s must be >= 0"),
         (cfg.run.system_metrics_every_s >= 0, "run.system_metrics_every_s must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
@@ -343,6 +384,35 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path` (None when empty). Raises ConfigError in one line naming
+    file:line:column for a missing, unreadable or malformed file, never a parser traceback."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}:{_yaml_where(e)}invalid YAML: {_yaml_problem(e)}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{p}: cannot read the config: {e}") from None
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else " "
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's own words (e.g. "expected ',' or ']', but got '<stream end>'"), one line."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    text = ", ".join(p for p in parts if p) or str(e)
+    start, end = getattr(e, "context_mark", None), getattr(e, "problem_mark", None)
+    if start is not None and end is not None and start.line != end.line:
+        text += f" (the construct opened at line {start.line + 1}, column {start.column + 1})"
+    return " ".join(text.split())
+
+
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a nested dict copy."""
     out = yaml.safe_load(yaml.safe_dump(d)) or {}
@@ -356,7 +426,12 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""  # `key=` sets an empty string
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""  # `key=` sets ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: invalid YAML value: {_yaml_problem(e)}"
+            ) from None
     return out
 
 
@@ -364,10 +439,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load YAML (or defaults when `path` is None), apply overrides, validate."""
     d: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
+        d = read_yaml(path) or {}
     d = apply_overrides(d, overrides or [])
     return validate(from_dict(d))
 

@@ -9,6 +9,13 @@ signature, an input example, the preprocessing and the layers' pooled shapes in 
 and the modules it needs shipped as `code_paths`, so any project loads it with plain
 `mlflow.pytorch.load_model(uri)`; see docs/encoder_model.md.
 
+That pickle runs code when loaded, so this project never loads it by default: beside it, in the
+model's `extra_files/`, go the weights alone (`encoder_state.pt`, tensors only, read with
+`torch.load(weights_only=True)`) and `encoder_config.json` (run config, layers, pooling);
+`load_encoder_model` downloads only those two and rebuilds the encoder from this repository's
+own architecture. A model without them (logged before, or not by this project) is refused
+unless pickle is allowed explicitly (`allow_pickle=True`, or CE_ALLOW_PICKLE_MODELS=1).
+
 MLflow's model logging and loading read the global tracking URI (there is no `tracking_uri`
 argument on `log_model` / `load_model`), so both run inside `tracking_uri_scope`, which sets it
 and restores the previous value on the way out. Everything else in this project passes explicit
@@ -18,7 +25,9 @@ URIs to `MlflowClient`s, which the scope does not touch.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config, flatten, to_dict
+from pipeline.config import Config, ConfigError, ModelConfig, flatten, from_dict, to_dict
 from pipeline.encoder_model import (
     PREPROCESSING,
     SHIPPED_MODULES,
@@ -37,6 +46,16 @@ from pipeline.encoder_model import (
 )
 
 MODEL_NAME = "encoder_model"  # the logged model's name in its run
+# The weights-only copy beside the pickled model (MLflow's extra_files/ folder of the model).
+WEIGHTS_FILE = "encoder_state.pt"  # FrozenEncoder.state_dict(): tensors only
+CONFIG_FILE = "encoder_config.json"  # {"format", "run_config", "layers", "max_dim"}
+EXTRA_FILES_DIR = "extra_files"
+ALLOW_PICKLE_ENV = "CE_ALLOW_PICKLE_MODELS"  # "1": load models without a weights-only copy
+
+
+class UnsafeModelError(ConfigError):
+    """A model can only be loaded by unpickling (running) code from its store, and pickle was
+    not allowed. A ConfigError: the user's to decide, one line and exit 2 in every job."""
 
 
 @contextlib.contextmanager
@@ -139,6 +158,7 @@ def log_encoder_model(
         params={k: str(v) for k, v in flatten(to_dict(cfg)).items()},
     )
     with tempfile.TemporaryDirectory() as tmp, tracking_uri_scope(tracking_uri):
+        extra = write_safe_files(enc, Path(tmp) / "safe")
         return mlflow.pytorch.log_model(
             enc,
             name=MODEL_NAME,
@@ -150,19 +170,115 @@ def log_encoder_model(
             signature=_signature(enc, example),
             input_example=example,
             code_paths=[str(shipped_code(Path(tmp)))],
+            extra_files=[str(p) for p in extra],  # the weights-only copy this project loads
             pip_requirements=_pip_requirements(),
             metadata=model_metadata(enc, cfg),
             registered_model_name=register_as or None,
         )
 
 
-def load_encoder_model(uri: str, tracking_uri: str | None = None) -> FrozenEncoder:
+def write_safe_files(enc: FrozenEncoder, folder: Path) -> list[Path]:
+    """WEIGHTS_FILE and CONFIG_FILE of `enc` in `folder`: all `encoder_from_files` needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(enc.state_dict(), folder / WEIGHTS_FILE)
+    meta = {"format": 1, "run_config": enc.run_config, "layers": list(enc.layers),
+            "max_dim": enc.max_dim}  # fmt: skip
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    return [folder / WEIGHTS_FILE, folder / CONFIG_FILE]
+
+
+def encoder_from_files(weights: Path, config: Path) -> FrozenEncoder:
+    """A FrozenEncoder rebuilt from this repository's architecture (pipeline.model) and the
+    model config in `config`, its weights read by the weights-only unpickler: no code from the
+    files runs. Raises ValueError when they do not describe this project's encoder."""
+    from pipeline.model import Generator
+
+    meta = json.loads(config.read_text())
+    if not isinstance(meta, dict) or meta.get("format") != 1:
+        raise ValueError(f"{config}: not an encoder config of this project")
+    model_cfg: ModelConfig = from_dict(meta["run_config"]["model"], ModelConfig, "model.")
+    enc = freeze_encoder(Generator(model_cfg), meta["run_config"], meta["layers"],
+                         int(meta["max_dim"]))  # fmt: skip
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeModelError(
+            f"{weights.name}: holds more than tensors, and the weights-only loader refused it "
+            f"({str(err).splitlines()[0]}); not loading a model that carries code"
+        ) from None
+    try:
+        enc.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{weights}: weights do not fit the encoder {model_cfg}: {err}") from err
+    return enc
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """`allow_pickle` when given, else CE_ALLOW_PICKLE_MODELS=1 in the environment."""
+    if allow_pickle is not None:
+        return allow_pickle
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _download_safe_files(uri: str, dst: Path) -> tuple[Path, Path] | None:
+    """The model's WEIGHTS_FILE and CONFIG_FILE downloaded into `dst` (nothing else: not the
+    pickle), or None when the model has none. MLflow errors (no such model) propagate."""
+    from mlflow.exceptions import MlflowException
+
+    got = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            got.append(_download(uri, f"{EXTRA_FILES_DIR}/{name}", dst))
+        except (MlflowException, OSError) as err:
+            if _exists(uri):
+                return None  # the model is there, its weights-only copy is not
+            raise err
+    return got[1], got[0]
+
+
+def _download(uri: str, rel: str, dst: Path) -> Path:
+    """One file `rel` inside the model at `uri`. models:/ URIs take no sub-path (MLflow reads
+    models:/m-ID/x as a registered name), so their artifact repository resolves the model."""
+    import mlflow.artifacts
+
+    if uri.startswith("models:/"):
+        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+        return Path(ModelsArtifactRepository(uri).download_artifacts(rel, dst_path=str(dst)))
+    return Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/{rel}", dst_path=str(dst)))
+
+
+def _exists(uri: str) -> bool:
+    """Whether the model behind `uri` resolves (its MLmodel file downloads)."""
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            _download(uri, "MLmodel", Path(d))
+            return True
+        except Exception:  # noqa: BLE001 - any failure: not a model we can see
+            return False
+
+
+def load_encoder_model(
+    uri: str, tracking_uri: str | None = None, allow_pickle: bool | None = None
+) -> FrozenEncoder:
     """A logged FrozenEncoder from `models:/NAME@alias`, `models:/NAME/VERSION`, `models:/m-ID`
-    or `runs:/RUN_ID/encoder_model`, through MLflow's own loader."""
+    or `runs:/RUN_ID/encoder_model`, rebuilt from its weights-only copy (no code from the store
+    runs). A model without one is loaded through MLflow's pickle only when `allow_pickle` (or
+    CE_ALLOW_PICKLE_MODELS=1); else UnsafeModelError."""
     import mlflow.pytorch
 
     scope = tracking_uri_scope(tracking_uri) if tracking_uri else contextlib.nullcontext()
-    with scope:
+    with scope, tempfile.TemporaryDirectory() as tmp:
+        files = _download_safe_files(uri, Path(tmp))
+        if files is not None:
+            return encoder_from_files(*files)
+        if not pickle_allowed(allow_pickle):
+            raise UnsafeModelError(
+                f"{uri}: the model has no weights-only copy ({EXTRA_FILES_DIR}/{WEIGHTS_FILE}, "
+                "logged since this check existed), and loading it would unpickle, i.e. run, "
+                f"code from the model store; set {ALLOW_PICKLE_ENV}=1 to load it anyway, only "
+                "from a store whose writers you trust"
+            )
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
     if not isinstance(model, FrozenEncoder):
         raise TypeError(f"{uri}: expected a logged FrozenEncoder, got {type(model).__name__}")

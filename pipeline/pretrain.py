@@ -5,10 +5,13 @@ call `run_pretrain`; Tune trials build the same trainer through `pipeline.ray_tr
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
 from dataclasses import dataclass
 
 from pipeline.config import Config, dump_config, flatten, generator_lr, global_batch, to_dict
+from pipeline.identity import change_tags, resume_changes
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.storage import fs_uri
 from pipeline.tracking import RunLogger, log_shards_input, start_or_resume_run, tracked_run
@@ -24,7 +27,13 @@ class PretrainResult:
 
 
 def run_name_for(cfg: Config) -> str:
-    return cfg.run.run_name or f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """run.run_name, else <experiment>-<YYYYmmdd-HHMMSS>-<6 hex>: two jobs started in the same
+    second must not share checkpoints and an MLflow run. Characters a run name may not hold
+    (pipeline.config.RUN_NAME) become '-'."""
+    if cfg.run.run_name:
+        return cfg.run.run_name
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.run.name).lstrip(".-")[:96] or "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def derived_params(cfg: Config) -> dict[str, float]:
@@ -37,13 +46,21 @@ def derived_params(cfg: Config) -> dict[str, float]:
 
 def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
-    from pipeline.ray_train import build_trainer  # imports Ray Train: only when training
+    from pipeline.ray_train import build_trainer, storage_path  # imports Ray Train
 
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)
-    print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
     name = run_name_for(cfg)
+    # Before Ray starts and before an MLflow run opens: another config under this name is
+    # refused here (ConfigError, exit 2), not found out by the workers.
+    changes = resume_changes(cfg, name, storage_path(cfg.run.output_root))
+    print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
+    if changes:  # params keep the values the run started with (immutable): tags say what changed
+        logger = RunLogger(uri, run_id)
+        for key, value in change_tags(changes).items():
+            logger.tag(key, value)
+        print(f"[pretrain] config changed on resume: {', '.join(changes)}", flush=True)
     if not resumed:
         logger = RunLogger(uri, run_id)
         logger.params(flatten(to_dict(cfg)) | derived_params(cfg))

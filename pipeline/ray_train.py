@@ -249,14 +249,15 @@ def _restore(trainer: Trainer, rank: int) -> int | None:
                 trainer.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
             return trainer.step
         fs = storage.storage_filesystem
+        policy = _upload_policy(trainer.cfg)  # resume reads are retried as uploads are
         chosen = None
         if rank == 0:
             offer = offered.path if offered is not None else None
-            chosen = choose_checkpoint(fs, storage.experiment_fs_path, offer, work)
+            chosen = choose_checkpoint(fs, storage.experiment_fs_path, offer, work, policy)
         path = _from_rank0(chosen.path if chosen else None)
         if path is None:
             return None
-        local = chosen.local if chosen else fetch_complete(fs, path, work)
+        local = chosen.local if chosen else fetch_complete(fs, path, work, policy)
         trainer.load_state_dict(load_checkpoint(local / CHECKPOINT_FILE))
     return trainer.step
 
@@ -339,7 +340,7 @@ def _report(t: Trainer, rank: int, scores: dict[str, float], upload: RetryPolicy
         return
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(Path(d) / CHECKPOINT_FILE, t.state_dict())
-        write_manifest(d, step=t.step)
+        write_manifest(d, step=t.step, config=to_dict(t.cfg))  # + its fingerprint
         upload_fn = _uploader(t.step, upload) if _storage() is not None else None
         ray.train.report(
             metrics,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import ConfigError, apply_overrides, from_dict, validate
+from pipeline.config import ConfigError, apply_overrides, from_dict, read_yaml, validate
 
 SearchMetric = Literal["val_rec_l2", "knn_top1"]  # what ranks trials (YAML key `objective`)
 MODES = {"val_rec_l2": "min", "knn_top1": "max"}
@@ -59,7 +59,7 @@ def load_settings(
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"tune config not found: {p}")
-    raw = apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides or [])
+    raw = apply_overrides(read_yaml(p) or {}, overrides or [])
     settings: TuneSettings = from_dict(raw, TuneSettings)
     if not settings.pretrain_config:
         raise ConfigError("tune: pretrain_config (a jobs.pretrain YAML) is required")
@@ -67,7 +67,7 @@ def load_settings(
     if not base_path.is_file():
         raise ConfigError(f"tune: pretrain_config not found: {base_path}")
     budget = as_overrides(settings.overrides)
-    base = apply_overrides(yaml.safe_load(base_path.read_text()) or {}, budget)
+    base = apply_overrides(read_yaml(base_path) or {}, budget)
     validate(from_dict(base))
     if settings.num_samples < 1:
         raise ConfigError("tune: num_samples must be >= 1")
