@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pipeline.config import Config, dump_config, flatten, generator_lr, global_batch, to_dict
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.storage import fs_uri
-from pipeline.tracking import RunLogger, log_shards_input, start_or_resume_run, tracked_run
+from pipeline.tracking import (
+    RunLogger,
+    experiment_id,
+    log_shards_input,
+    start_or_resume_run,
+    tracked_run,
+)
+from pipeline.tracking_server import redact, resolve_tracking_uri, run_url
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class PretrainResult:
     tracking_uri: str
     checkpoint_path: str | None  # a local path, or a URI when run.output_root is one
     metrics: dict
+    run_url: str = ""  # the run's page on a server, or the `mlflow ui` command for sqlite
 
 
 def run_name_for(cfg: Config) -> str:
@@ -39,11 +47,17 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
     from pipeline.ray_train import build_trainer  # imports Ray Train: only when training
 
+    source = resolve_tracking_uri(cfg.run)[1]  # before resolve_paths writes the URI in
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)
-    print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
+    print(f"[pretrain] MLflow at {redact(uri)} (from {source})", flush=True)
+    print(f"[pretrain] {connect_ray(address or cfg.run.address)}", flush=True)
     name = run_name_for(cfg)
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
+    url = run_url(uri, experiment_id(uri, cfg.run.name), run_id)
+    tag = RunLogger(uri, run_id).tag
+    tag("ce.tracking_uri", redact(uri))
+    tag("ce.tracking_uri_source", source)
     if not resumed:
         logger = RunLogger(uri, run_id)
         logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
@@ -51,7 +65,7 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
         log_shards_input(uri, run_id, cfg.data.train_shards, "train")
         if cfg.data.val_shards:
             log_shards_input(uri, run_id, cfg.data.val_shards, "validation")
-    print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}")
+    print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}: {url}")
     print(f"[pretrain] global batch {global_batch(cfg)} ({cfg.data.batch_size} x "
           f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
           f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
@@ -61,4 +75,4 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
         result = trainer.fit()
     ckpt = result.checkpoint
     path = fs_uri(ckpt.filesystem, ckpt.path) if ckpt is not None else None  # s3://... in a bucket
-    return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}))
+    return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}), url)

@@ -1,0 +1,156 @@
+"""Which MLflow tracking store a job uses, and whether it lets the job in, decided once on the
+driver before Ray starts.
+
+    resolve_tracking_uri(run)      (uri, source): run.tracking_uri (the config, or a
+                                   `run.tracking_uri=...` override) > $MLFLOW_TRACKING_URI >
+                                   sqlite:///<run.output_root>/mlflow.db
+    check_tracking_uri(uri, exp)   a real API call to a server (not /health, which MLflow
+                                   exempts from its host check): a 403 or 401 becomes one line
+                                   naming the URI and the fix; a sqlite store is created
+    run_url(uri, exp_id, run_id)   where a user looks at the run
+    redact(uri)                    the URI without a password, for printing and tags
+
+The resolved URI is written into the config (`pipeline.runtime.resolve_paths`), so the workers
+(which may not see the driver's environment) and the logged config hold the same store.
+Credentials are never part of it: MLflow reads MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH in
+each process itself, and the check below sends exactly what MLflow's client sends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse, urlunparse
+
+from pipeline.storage import default_sqlite_uri
+from pipeline.tracking import TrackingUnavailableError, check_tracking
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+SOURCE_CONFIG = "run.tracking_uri"
+SOURCE_DEFAULT = "default: sqlite under run.output_root"
+# The variables MLflow's client reads for a server's credentials (mlflow.utils.credentials).
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+HOST_CHECK_MARK = "Invalid Host header"  # MLflow's 403 body (mlflow.server.security_utils)
+
+
+def env_tracking_uri(environ: Mapping[str, str] = os.environ) -> str:
+    """$MLFLOW_TRACKING_URI, '' when unset or blank."""
+    return environ.get(ENV_URI, "").strip()
+
+
+def resolve_tracking_uri(
+    run: RunConfig, environ: Mapping[str, str] = os.environ
+) -> tuple[str, str]:
+    """(uri, where it came from). A relative sqlite path from the environment is made absolute
+    here, on the driver: Ray workers run in other directories. Raises ValueError when nothing
+    is set and run.output_root is an object-storage URI (no sqlite store can live there)."""
+    if run.tracking_uri:
+        return run.tracking_uri, SOURCE_CONFIG
+    if uri := env_tracking_uri(environ):
+        return _absolute_sqlite(uri), ENV_URI
+    return default_sqlite_uri(run.output_root, SOURCE_CONFIG), SOURCE_DEFAULT
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db (four slashes: an absolute path)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def redact(uri: str) -> str:
+    """`uri` with any password in it replaced by ***, for the console and the run's tags."""
+    u = urlparse(uri)
+    if not u.password:
+        return uri
+    host = u.hostname or ""
+    netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
+    return urlunparse(u._replace(netloc=netloc))
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page: on a server, its URL; on a local store, the command that serves it."""
+    if is_server(uri):
+        return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}  (then open run {run_id})"
+
+
+def check_tracking_uri(uri: str, experiment: str = "Default", timeout_s: float = 10.0) -> None:
+    """Fail before any worker starts when the store at `uri` cannot be used by this job. For a
+    server: one real API call (look up `experiment` by name) with the credentials MLflow's
+    client would send, no retries. Raises TrackingUnavailableError with one line naming the
+    URI and the fix."""
+    if urlparse(uri).password:
+        raise TrackingUnavailableError(
+            f"tracking URI {redact(uri)}: take the password out of the URI (it is logged with "
+            "the run's config); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if not is_server(uri):
+        check_tracking(uri)  # sqlite: folder created; file: and relative paths refused
+        return
+    status, body = _get_experiment(uri, experiment, timeout_s)
+    if status == 200 or (status == 404 and "RESOURCE_DOES_NOT_EXIST" in body):
+        return  # answered as MLflow does: reachable, and this job is let in
+    raise TrackingUnavailableError(refusal_message(uri, status, body))
+
+
+def _get_experiment(uri: str, experiment: str, timeout_s: float) -> tuple[int, str]:
+    """(HTTP status, body) of GET experiments/get-by-name, sent by MLflow's own HTTP client
+    (its credentials, TLS settings and request headers), without its retries."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        resp = http_request(
+            get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+            max_retries=0, backoff_factor=0, timeout=timeout_s, raise_on_status=False,
+            params={"experiment_name": experiment},
+        )  # fmt: skip
+    except (MlflowException, OSError) as e:
+        raise TrackingUnavailableError(
+            f"cannot reach the MLflow tracking server at {redact(uri)} ({_first_line(e)}); "
+            "start it (cluster/README.md), or set run.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from e
+    return resp.status_code, resp.text[:500]
+
+
+def refusal_message(uri: str, status: int, body: str) -> str:
+    """One line for a server that answered but did not let the job in: what it said and what
+    to change, on the server or in this job's environment."""
+    host = urlparse(uri).netloc.rsplit("@", 1)[-1]
+    said = f"MLflow server {redact(uri)} answered {status}"
+    if status == 403 and HOST_CHECK_MARK in body:
+        return (
+            f"{said} ({HOST_CHECK_MARK}): the server does not accept the name {host}; add it "
+            f"to the server's --allowed-hosts (or MLFLOW_SERVER_ALLOWED_HOSTS), as "
+            "cluster/mlflow-server.yaml does for its service names"
+        )
+    if status == 401:
+        have = [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+        sent = f"sent {', '.join(have)}" if have else "sent no credentials"
+        return (
+            f"{said} (unauthorized; {sent}): set MLFLOW_TRACKING_TOKEN, or "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, for this job"
+        )
+    if status == 403:
+        return (
+            f"{said} (forbidden: {_first_line(body)}): the credentials in "
+            "MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_USERNAME lack permission on this server"
+        )
+    return f"{said} to an MLflow API call ({_first_line(body)}): is {uri} an MLflow server?"
+
+
+def _first_line(x: object) -> str:
+    text = " ".join(str(x).split())
+    return text[:200] or "no message"
