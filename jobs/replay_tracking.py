@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.tracking import RunLogger, check_tracking
+from pipeline.tracking import RunLogger
+from pipeline.tracking_server import check_tracking_uri
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spool_dir = Path(args.spool_dir).resolve()
     runs = spooled_runs(spool_dir, args.run_id)
-    check_tracking(args.tracking_uri)  # fail fast: replaying into a dead server does nothing
+    check_tracking_uri(args.tracking_uri)  # fail fast: replaying into a dead server does nothing
     left = 0
     for run_id in runs:
         logger = RunLogger(args.tracking_uri, run_id, spool_dir=spool_dir)

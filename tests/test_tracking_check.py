@@ -156,6 +156,7 @@ def auth_proxy():
     server.server_close()
 
 
+@pytest.mark.integration  # a server, if a tiny one in a thread
 def test_unauthorized_names_the_credential_variables(auth_proxy, monkeypatch):
     uri, seen = auth_proxy
     for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -182,6 +183,7 @@ def test_unauthorized_names_the_credential_variables(auth_proxy, monkeypatch):
     assert seen[-1] == "Bearer tok-1"
 
 
+@pytest.mark.integration
 def test_unauthorized_ends_the_cli_with_exit_2(auth_proxy, tmp_path, capsys, monkeypatch):
     from jobs.pretrain import cli
 
