@@ -254,7 +254,7 @@ def validate(cfg: Config) -> Config:
         ),
         (
             not is_uri(cfg.run.output_root) or bool(cfg.run.tracking_uri or _env_tracking_uri()),
-            "run.tracking_uri (or MLFLOW_TRACKING_URI) must be set when run.output_root is an "
+            "run.tracking_uri must be set (or MLFLOW_TRACKING_URI) when run.output_root is an "
             "object-storage URI (the default sqlite store cannot live in a bucket; see "
             "docs/object_storage.md)",
         ),

@@ -13,12 +13,13 @@ all go through it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 from pathlib import Path
 
-from pipeline.config import Config, tracking_uri
+from pipeline.config import Config, ConfigError, tracking_uri
 from pipeline.data.urls import expand_urls, split_urls, url_scheme
 from pipeline.storage import absolute, check_output_root, require_filesystem
 from pipeline.tracking_server import check_tracking_uri
@@ -68,8 +69,7 @@ def _absolute_urls(urls: str) -> str:
 def resolve_paths(cfg: Config) -> Config:
     """Local relative paths made absolute: Ray workers (and `ray job submit`) run in other
     directories; object-storage URIs are kept verbatim. This is the resolved config that is
-    logged and handed to the workers. Raises ConfigError when no tracking store can be
-    chosen (an object-storage output root and no tracking URI)."""
+    logged and handed to the workers, its tracking URI resolved (pipeline.tracking_server)."""
     data = dataclasses.replace(
         cfg.data,
         train_shards=_absolute_urls(cfg.data.train_shards),
@@ -78,7 +78,9 @@ def resolve_paths(cfg: Config) -> Config:
     run = dataclasses.replace(cfg.run, output_root=absolute(cfg.run.output_root))
     # Resolved here, on the driver, from the config or $MLFLOW_TRACKING_URI: Ray workers may
     # not see the driver's environment, and the logged config then names the store it used.
-    run = dataclasses.replace(run, tracking_uri=tracking_uri(run))
+    # None to be had (a bucket output root and no URI): left unset, for preflight to refuse.
+    with contextlib.suppress(ConfigError):
+        run = dataclasses.replace(run, tracking_uri=tracking_uri(run))
     return dataclasses.replace(cfg, data=data, run=run)
 
 

@@ -65,7 +65,7 @@ def test_resolved_once_into_the_config_the_workers_get(tmp_path, monkeypatch):
 def test_object_storage_root_needs_a_uri_from_config_or_environment(monkeypatch):
     args = ["data.train_shards=s3://b/x.tar", "run.output_root=s3://b/out"]
     monkeypatch.delenv(ENV_URI, raising=False)
-    with pytest.raises(ConfigError, match=r"run.tracking_uri \(or MLFLOW_TRACKING_URI\)"):
+    with pytest.raises(ConfigError, match=r"tracking_uri must be set \(or MLFLOW_TRACKING_URI\)"):
         load_config(None, args)
     monkeypatch.setenv(ENV_URI, "http://mlflow:5000")
     assert resolve_paths(load_config(None, args)).run.tracking_uri == "http://mlflow:5000"
