@@ -18,7 +18,7 @@ from pipeline.tracking import (
     start_or_resume_run,
     tracked_run,
 )
-from pipeline.tracking_server import redact, resolve_tracking_uri, run_url
+from pipeline.tracking_server import redact, run_url, tracking_source
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
     from pipeline.ray_train import build_trainer  # imports Ray Train: only when training
 
-    source = resolve_tracking_uri(cfg.run)[1]  # before resolve_paths writes the URI in
+    source = tracking_source(cfg.run)  # before resolve_paths writes the URI into the config
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)
     print(f"[pretrain] MLflow at {redact(uri)} (from {source})", flush=True)
@@ -55,11 +55,10 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     name = run_name_for(cfg)
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
     url = run_url(uri, experiment_id(uri, cfg.run.name), run_id)
-    tag = RunLogger(uri, run_id).tag
-    tag("ce.tracking_uri", redact(uri))
-    tag("ce.tracking_uri_source", source)
+    logger = RunLogger(uri, run_id)  # synchronous: the server has just answered preflight
+    logger.tag("ce.tracking_uri", redact(uri))
+    logger.tag("ce.tracking_uri_source", source)
     if not resumed:
-        logger = RunLogger(uri, run_id)
         logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
         logger.bytes(dump_config(cfg).encode(), "config.yaml")  # the resolved config, once
         log_shards_input(uri, run_id, cfg.data.train_shards, "train")

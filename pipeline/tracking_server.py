@@ -44,17 +44,25 @@ def env_tracking_uri(environ: Mapping[str, str] = os.environ) -> str:
     return environ.get(ENV_URI, "").strip()
 
 
+def tracking_source(run: RunConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """Where the tracking URI comes from: run.tracking_uri, MLFLOW_TRACKING_URI or the default."""
+    if run.tracking_uri:
+        return SOURCE_CONFIG
+    return ENV_URI if env_tracking_uri(environ) else SOURCE_DEFAULT
+
+
 def resolve_tracking_uri(
     run: RunConfig, environ: Mapping[str, str] = os.environ
 ) -> tuple[str, str]:
-    """(uri, where it came from). A relative sqlite path from the environment is made absolute
+    """(uri, tracking_source). A relative sqlite path from the environment is made absolute
     here, on the driver: Ray workers run in other directories. Raises ValueError when nothing
     is set and run.output_root is an object-storage URI (no sqlite store can live there)."""
-    if run.tracking_uri:
-        return run.tracking_uri, SOURCE_CONFIG
-    if uri := env_tracking_uri(environ):
-        return _absolute_sqlite(uri), ENV_URI
-    return default_sqlite_uri(run.output_root, SOURCE_CONFIG), SOURCE_DEFAULT
+    source = tracking_source(run, environ)
+    if source == SOURCE_CONFIG:
+        return run.tracking_uri, source
+    if source == ENV_URI:
+        return _absolute_sqlite(env_tracking_uri(environ)), source
+    return default_sqlite_uri(run.output_root, SOURCE_CONFIG), source
 
 
 def _absolute_sqlite(uri: str) -> str:
