@@ -14,12 +14,19 @@ The resolved URI is written into the config (`pipeline.runtime.resolve_paths`), 
 (which may not see the driver's environment) and the logged config hold the same store.
 Credentials are never part of it: MLflow reads MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH in
-each process itself, and the check below sends exactly what MLflow's client sends.
+each process itself, and the check below sends what MLflow's client sends (its rules,
+re-stated in `_auth` and `_tls`: importing MLflow only to fail fast would cost seconds).
 """
 
 from __future__ import annotations
 
+import base64
+import configparser
 import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +43,7 @@ SOURCE_CONFIG = "run.tracking_uri"
 SOURCE_DEFAULT = "default: sqlite under run.output_root"
 # The variables MLflow's client reads for a server's credentials (mlflow.utils.credentials).
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+GET_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"  # a real API call, unlike /health
 HOST_CHECK_MARK = "Invalid Host header"  # MLflow's 403 body (mlflow.server.security_utils)
 
 
@@ -113,22 +121,68 @@ def check_tracking_uri(uri: str, experiment: str = "Default", timeout_s: float =
 
 
 def _get_experiment(uri: str, experiment: str, timeout_s: float) -> tuple[int, str]:
-    """(HTTP status, body) of GET experiments/get-by-name, sent by MLflow's own HTTP client
-    (its credentials, TLS settings and request headers), without its retries."""
+    """(HTTP status, body) of GET experiments/get-by-name with the credentials and TLS settings
+    MLflow's client would use, one try. Plain urllib: importing MLflow costs seconds, and the
+    point of the check is to fail fast. An auth plugin (MLFLOW_TRACKING_AUTH) or SigV4 only
+    MLflow's own client can send: then it sends the request."""
+    if os.environ.get("MLFLOW_TRACKING_AUTH") or os.environ.get("MLFLOW_TRACKING_AWS_SIGV4"):
+        return _get_with_mlflow(uri, experiment, timeout_s)
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    req = urllib.request.Request(f"{uri.rstrip('/')}{GET_BY_NAME}?{query}", headers=_auth())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=_tls()) as resp:
+            return resp.status, resp.read(500).decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(500).decode(errors="replace")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailableError(
+            f"cannot reach the MLflow tracking server at {redact(uri)} "
+            f"({_first_line(getattr(e, 'reason', e))}); start it (cluster/README.md), or set "
+            "run.tracking_uri / MLFLOW_TRACKING_URI"
+        ) from e
+
+
+def _auth() -> dict[str, str]:
+    """MLflow's rule (mlflow.utils.rest_utils.http_request): basic auth from
+    MLFLOW_TRACKING_USERNAME / _PASSWORD (or ~/.mlflow/credentials), else a bearer token."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    stored = configparser.ConfigParser()
+    stored.read(Path("~/.mlflow/credentials").expanduser())
+    if stored.has_section("mlflow"):
+        user = user or stored["mlflow"].get("mlflow_tracking_username")
+        password = password or stored["mlflow"].get("mlflow_tracking_password")
+    if user and password:
+        return {
+            "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        }
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _tls() -> ssl.SSLContext:
+    """MLFLOW_TRACKING_INSECURE_TLS, _SERVER_CERT_PATH, _CLIENT_CERT_PATH, as MLflow reads them."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+        return ssl._create_unverified_context()  # noqa: S323 - the user asked for it
+    ctx = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
+    if cert := os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        ctx.load_cert_chain(cert)
+    return ctx
+
+
+def _get_with_mlflow(uri: str, experiment: str, timeout_s: float) -> tuple[int, str]:
     from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
     try:
         resp = http_request(
-            get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
-            max_retries=0, backoff_factor=0, timeout=timeout_s, raise_on_status=False,
-            params={"experiment_name": experiment},
+            get_default_host_creds(uri), GET_BY_NAME, "GET", max_retries=0, backoff_factor=0,
+            timeout=timeout_s, raise_on_status=False, params={"experiment_name": experiment},
         )  # fmt: skip
     except (MlflowException, OSError) as e:
         raise TrackingUnavailableError(
-            f"cannot reach the MLflow tracking server at {redact(uri)} ({_first_line(e)}); "
-            "start it (cluster/README.md), or set run.tracking_uri / MLFLOW_TRACKING_URI"
+            f"cannot reach the MLflow tracking server at {redact(uri)} ({_first_line(e)})"
         ) from e
     return resp.status_code, resp.text[:500]
 

@@ -197,3 +197,18 @@ def test_unauthorized_ends_the_cli_with_exit_2(auth_proxy, tmp_path, capsys, mon
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "answered 401" in err[0] and "MLFLOW_TRACKING_TOKEN" in err[0]
+
+
+@pytest.mark.integration
+def test_credentials_file_is_read_as_mlflow_reads_it(auth_proxy, tmp_path, monkeypatch):
+    uri, seen = auth_proxy
+    for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = bob\nmlflow_tracking_password = pw\n"
+    )
+    with pytest.raises(TrackingUnavailableError, match="answered 401"):
+        check_tracking_uri(uri, "exp")
+    assert seen == ["Basic " + base64.b64encode(b"bob:pw").decode()]
