@@ -23,7 +23,8 @@ from evaluation.probe import ProbeSettings, c_grid_from
 from evaluation.protocol import ProtocolSettings, evaluate_encoders
 from evaluation.streaming_probe import StreamingSettings
 from pipeline.storage import default_sqlite_uri, local_root
-from pipeline.tracking import RunLogger, check_tracking, new_run, tracked_run
+from pipeline.tracking import RunLogger, new_run, tracked_run
+from pipeline.tracking.server import check_tracking_uri, env_tracking_uri
 
 # The config fields logged as params, beside one `encoder.<name>` per encoder.
 LOGGED = ("train_shards", "test_shards", "layers", "image_size", "max_dim", "c_grid",
@@ -96,8 +97,10 @@ def run_probe(cfg: ProbeRunConfig) -> ProbeRunResult:
     # Parquet caches and report files are read back by path: they stay on local disk, and the
     # report files reach object storage as MLflow artifacts.
     root = local_root(cfg.output_root)
-    uri = cfg.tracking_uri or default_sqlite_uri(cfg.output_root, "tracking_uri")
-    check_tracking(uri)  # fail before minutes of extraction, not after
+    # The precedence of pretraining: the setting, $MLFLOW_TRACKING_URI, sqlite under the root.
+    uri = cfg.tracking_uri or env_tracking_uri()
+    uri = uri or default_sqlite_uri(cfg.output_root, "tracking_uri")
+    check_tracking_uri(uri, cfg.experiment)  # fail before minutes of extraction, not after
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = root / "probe" / stamp
     if cfg.ray:

@@ -171,8 +171,9 @@ def run_all(args: argparse.Namespace) -> str:
     pre, found = chosen.pretrained, chosen.search
     print(f"pretrain run:  {pre.mlflow_run_id}  (checkpoint {pre.checkpoint_path})")
     print(f"tune search:   {found.parent_run_id}  (best config {found.best_config_path})")
-    print("see every run: mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri "
-          f"{pre.tracking_uri}")  # fmt: skip
+    server = pre.tracking_uri.startswith(("http://", "https://"))  # MLFLOW_TRACKING_URI's
+    print("see every run: " + (pre.tracking_uri if server else "mlflow ui --host 127.0.0.1 "
+          f"--port 5000 --backend-store-uri {pre.tracking_uri}"))  # fmt: skip
     return probe_run
 
 

@@ -58,7 +58,7 @@ def train(cfg: Config, address: str = "") -> PretrainResult:
     print(f"[pretrain] done: checkpoint {res.checkpoint_path}")
     print(f"[pretrain] MLflow run {res.mlflow_run_id} in {res.tracking_uri}")
     print(f"[pretrain] encoder: runs:/{res.mlflow_run_id}/encoder/generator.pt")
-    print(f"[pretrain] browse: mlflow ui --backend-store-uri {res.tracking_uri}")
+    print(f"[pretrain] browse: {res.run_url}")
     return res
 
 

@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=D.image_size)
     p.add_argument("--output-root", default=D.output_root)
     p.add_argument(
-        "--tracking-uri", default=D.tracking_uri, help="'' = sqlite:///<output-root>/mlflow.db"
+        "--tracking-uri",
+        default=D.tracking_uri,
+        help="'' = $MLFLOW_TRACKING_URI, else sqlite:///<output-root>/mlflow.db",
     )
     p.add_argument("--experiment", default=D.experiment)
     p.add_argument("--ray", action="store_true", help="fan feature extraction out over Ray")

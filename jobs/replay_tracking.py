@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.tracking import RunLogger, SpoolBusyError, check_tracking, client
+from pipeline.tracking import RunLogger, SpoolBusyError, client
+from pipeline.tracking.server import check_tracking_uri
 from pipeline.tracking.spool import Spool
 
 EXIT_USAGE = 2
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spool_dir = Path(args.spool_dir).resolve()
     runs = spooled_runs(spool_dir, args.run_id)
-    check_tracking(args.tracking_uri)  # fail fast: replaying into a dead server does nothing
+    check_tracking_uri(args.tracking_uri)  # fail fast: replaying into a dead server does nothing
     missing = missing_runs(args.tracking_uri, runs)
     if missing:
         print(f"replay_tracking: error: {args.tracking_uri} has no run {', '.join(missing)} "

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.storage import OUTPUT_SCHEMES, default_sqlite_uri, is_uri, scheme
+from pipeline.storage import OUTPUT_SCHEMES, is_uri, scheme
 
 # A key of pipeline.data.masks.MASKS (the mask registry), checked by `validate`: not a Literal,
 # so that a new mask kind is one registry entry.
@@ -184,12 +184,13 @@ def global_batch(cfg: Config) -> int:
 
 
 def tracking_uri(run: RunConfig) -> str:
-    """The explicit MLflow tracking URI; workers change directory, so it is always absolute.
-    Raises ConfigError when it is unset and run.output_root is an object-storage URI."""
-    if run.tracking_uri:
-        return run.tracking_uri
+    """The MLflow tracking URI: run.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under
+    run.output_root (pipeline.tracking.server); workers change directory, so it is always
+    absolute. Raises ConfigError when none is set and run.output_root is an object-storage URI."""
+    from pipeline.tracking.server import resolve_tracking_uri  # it imports this module's types
+
     try:
-        return default_sqlite_uri(run.output_root, "run.tracking_uri")
+        return resolve_tracking_uri(run)[0]
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -208,6 +209,12 @@ def relative_sqlite_path(uri: str) -> str | None:
         return None
     rest = uri[len(prefix) :]
     return rest if rest and not rest.startswith("/") else None
+
+
+def _env_tracking_uri() -> str:
+    from pipeline.tracking.server import env_tracking_uri
+
+    return env_tracking_uri()
 
 
 def validate(cfg: Config) -> Config:
@@ -292,9 +299,10 @@ def validate(cfg: Config) -> Config:
             f"{', '.join(s + '://' for s in OUTPUT_SCHEMES)}",
         ),
         (
-            not is_uri(cfg.run.output_root) or bool(cfg.run.tracking_uri),
-            "run.tracking_uri must be set when run.output_root is an object-storage URI "
-            "(the default sqlite store cannot live in a bucket; see docs/object_storage.md)",
+            not is_uri(cfg.run.output_root) or bool(cfg.run.tracking_uri or _env_tracking_uri()),
+            "run.tracking_uri must be set (or MLFLOW_TRACKING_URI) when run.output_root is an "
+            "object-storage URI (the default sqlite store cannot live in a bucket; see "
+            "docs/object_storage.md)",
         ),
     ]
     errors = [msg for ok, msg in checks if not ok]

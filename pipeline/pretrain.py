@@ -14,7 +14,14 @@ from pipeline.config import Config, dump_config, flatten, generator_lr, global_b
 from pipeline.identity import change_tags, resume_changes
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.storage import fs_uri
-from pipeline.tracking import RunLogger, log_shards_input, start_or_resume_run, tracked_run
+from pipeline.tracking import (
+    RunLogger,
+    experiment_id,
+    log_shards_input,
+    start_or_resume_run,
+    tracked_run,
+)
+from pipeline.tracking.server import redact, run_url, tracking_source
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class PretrainResult:
     tracking_uri: str
     checkpoint_path: str | None  # a local path, or a URI when run.output_root is one
     metrics: dict
+    run_url: str = ""  # the run's page on a server, or the `mlflow ui` command for sqlite
 
 
 def run_name_for(cfg: Config) -> str:
@@ -48,27 +56,31 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
     from pipeline.ray_train import build_trainer, storage_path  # imports Ray Train
 
+    source = tracking_source(cfg.run)  # before resolve_paths writes the URI into the config
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)
+    print(f"[pretrain] MLflow at {redact(uri)} (from {source})", flush=True)
     name = run_name_for(cfg)
     # Before Ray starts and before an MLflow run opens: another config under this name is
     # refused here (ConfigError, exit 2), not found out by the workers.
     changes = resume_changes(cfg, name, storage_path(cfg.run.output_root))
-    print(f"[pretrain] {connect_ray(address or cfg.run.address)}; MLflow at {uri}", flush=True)
+    print(f"[pretrain] {connect_ray(address or cfg.run.address)}", flush=True)
     run_id, resumed = start_or_resume_run(uri, cfg.run.name, name)
+    url = run_url(uri, experiment_id(uri, cfg.run.name), run_id)
+    logger = RunLogger(uri, run_id)  # synchronous: the server has just answered preflight
+    logger.tag("ce.tracking_uri", redact(uri))
+    logger.tag("ce.tracking_uri_source", source)
     if changes:  # params keep the values the run started with (immutable): tags say what changed
-        logger = RunLogger(uri, run_id)
         for key, value in change_tags(changes).items():
             logger.tag(key, value)
         print(f"[pretrain] config changed on resume: {', '.join(changes)}", flush=True)
     if not resumed:
-        logger = RunLogger(uri, run_id)
         logger.params(flatten(to_dict(cfg)) | derived_params(cfg))
         logger.bytes(dump_config(cfg).encode(), "config.yaml")  # the resolved config, once
         log_shards_input(uri, run_id, cfg.data.train_shards, "train")
         if cfg.data.val_shards:
             log_shards_input(uri, run_id, cfg.data.val_shards, "validation")
-    print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}")
+    print(f"[pretrain] run {name} ({'resumed' if resumed else 'new'}); MLflow run {run_id}: {url}")
     print(f"[pretrain] global batch {global_batch(cfg)} ({cfg.data.batch_size} x "
           f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
           f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
@@ -78,4 +90,4 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
         result = trainer.fit()
     ckpt = result.checkpoint
     path = fs_uri(ckpt.filesystem, ckpt.path) if ckpt is not None else None  # s3://... in a bucket
-    return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}))
+    return PretrainResult(name, run_id, uri, path, dict(result.metrics or {}), url)

@@ -2,9 +2,10 @@
 
     connect_ray / start_local_ray   join $RAY_ADDRESS or a given cluster, else a fresh local Ray
     resolve_paths                   local relative paths made absolute (workers run elsewhere);
-                                    s3:// gs:// URIs kept as they are (pipeline.storage)
-    preflight                       tracking store, shards and output root checked before Ray
-                                    starts
+                                    s3:// gs:// URIs kept as they are (pipeline.storage); the
+                                    tracking URI resolved once (pipeline.tracking.server)
+    preflight                       tracking store (a real API call to a server), shards and
+                                    output root checked before Ray starts
 
 The one place a job decides where it runs; pretraining, the search, the probe and the tests
 all go through it.
@@ -12,15 +13,16 @@ all go through it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 from pathlib import Path
 
-from pipeline.config import Config, tracking_uri
+from pipeline.config import Config, ConfigError, tracking_uri
 from pipeline.data.urls import expand_urls, split_urls, url_scheme
 from pipeline.storage import absolute, check_output_root, require_filesystem
-from pipeline.tracking import check_tracking
+from pipeline.tracking.server import check_tracking_uri
 
 
 def start_local_ray(num_cpus: int, **kwargs) -> None:
@@ -67,20 +69,25 @@ def _absolute_urls(urls: str) -> str:
 def resolve_paths(cfg: Config) -> Config:
     """Local relative paths made absolute: Ray workers (and `ray job submit`) run in other
     directories; object-storage URIs are kept verbatim. This is the resolved config that is
-    logged and handed to the workers."""
+    logged and handed to the workers, its tracking URI resolved (pipeline.tracking.server)."""
     data = dataclasses.replace(
         cfg.data,
         train_shards=_absolute_urls(cfg.data.train_shards),
         val_shards=_absolute_urls(cfg.data.val_shards),
     )
     run = dataclasses.replace(cfg.run, output_root=absolute(cfg.run.output_root))
+    # Resolved here, on the driver, from the config or $MLFLOW_TRACKING_URI: Ray workers may
+    # not see the driver's environment, and the logged config then names the store it used.
+    # None to be had (a bucket output root and no URI): left unset, for preflight to refuse.
+    with contextlib.suppress(ConfigError):
+        run = dataclasses.replace(run, tracking_uri=tracking_uri(run))
     return dataclasses.replace(cfg, data=data, run=run)
 
 
 def preflight(cfg: Config) -> str:
     """Everything that can fail cheaply, checked before Ray starts. Returns the tracking URI."""
     uri = tracking_uri(cfg.run)
-    check_tracking(uri)
+    check_tracking_uri(uri, experiment=cfg.run.name)
     for key, urls in (("data.train_shards", cfg.data.train_shards),
                       ("data.val_shards", cfg.data.val_shards)):  # fmt: skip
         for part in split_urls(urls):

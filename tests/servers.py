@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -145,3 +148,155 @@ class ResettingProxy:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Until `url` answers at all (any HTTP status); raises when `proc` exits or time runs out."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"{proc.args[0]} exited with {proc.returncode} before {url} answered"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # answered, with an error status: up
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a server started with start_new_session=True, children included."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+class MotoS3:
+    """`moto_server` on a free loopback port: an S3 endpoint for boto3, s3fs, pyarrow and MLflow,
+    which all find it through `env` (AWS_ENDPOINT_URL plus dummy keys)."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # no profile, config or credentials file of this machine's user leaks in
+            "AWS_CONFIG_FILE": str(home / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
+        }
+        self.proc = subprocess.Popen(
+            ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+    def client(self):
+        import boto3
+
+        wait_http(self.endpoint, 60, self.proc)
+        keys = {k.lower(): self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **keys)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of the distribution's PostgreSQL server binaries (initdb, pg_ctl): Debian puts
+    them in /usr/lib/postgresql/<version>/bin, off PATH; the newest version wins."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)  # fmt: skip
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: `initdb` in a fresh folder, `pg_ctl start` on a free
+    loopback port (no Unix socket outside that folder), password authentication. PostgreSQL
+    refuses to run as root, so under root the server runs as the `postgres` user the Debian
+    package creates."""
+
+    def __init__(self, bin_dir: Path, user: str, password: str, database: str) -> None:
+        self.bin, self.user, self.password, self.database = bin_dir, user, password, database
+        self.port = free_port()
+        # Not under pytest's tmp_path: it is private to root (0700), and the server's user
+        # must own its data folder.
+        self.root = Path(tempfile.mkdtemp(prefix="ce-postgres-"))
+        self.data = self.root / "data"
+        self.run_as = "postgres" if os.geteuid() == 0 else None
+
+    @property
+    def uri(self) -> str:
+        """The SQLAlchemy URI MLflow takes (`--backend-store-uri`)."""
+        return (f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+                f"{self.database}")  # fmt: skip
+
+    def _run(self, *cmd: str) -> None:
+        done = subprocess.run(cmd, user=self.run_as, cwd=self.root, capture_output=True, text=True,
+                              env=os.environ | {"PGPASSWORD": self.password})  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {done.stderr}")
+
+    def start(self) -> None:
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self.run_as:
+            shutil.chown(self.root, self.run_as)
+            shutil.chown(pwfile, self.run_as)
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            f"--pwfile={pwfile}",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        opts = f"-p {self.port} -h 127.0.0.1 -k {self.root} -c fsync=off"  # throwaway: no fsync
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.root / "log"),
+            "start",
+        )
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                  "-U", self.user, self.database)  # fmt: skip
+
+    def query(self, sql: str, *params: object) -> list[tuple]:
+        import psycopg
+
+        dsn = self.uri.replace("postgresql+psycopg://", "postgresql://")  # libpq's form
+        with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
