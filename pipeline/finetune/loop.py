@@ -122,7 +122,7 @@ def _train_epoch(model, opt, cfg: FinetuneConfig, urls: str, epoch: int, rank: i
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
     device = next(model.parameters()).device
     model.train()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i, batch in enumerate(loader):
         lr = lr_at(epoch * steps + i, cfg.optim.epochs * steps, warmup, cfg.optim.lr)
         for group in opt.param_groups:
@@ -141,10 +141,14 @@ def _train_epoch(model, opt, cfg: FinetuneConfig, urls: str, epoch: int, rank: i
         total += torch.tensor([per.sum().item(), ((logits.argmax(1) == y) & valid).sum().item(),
                                valid.sum().item()], dtype=torch.float64)  # fmt: skip
     seconds = time.perf_counter() - t0
-    total = _summed(total)
+    # CPU seconds (decoding included: it runs in this process), summed over ranks: the budget's
+    # unit, and steady where wall time depends on what else shares the machine.
+    cpu = torch.tensor([time.process_time() - cpu0], dtype=torch.float64)
+    total, cpu = _summed(total), _summed(cpu)
     return {"train_loss": total[0].item() / total[2].item(),
-            "train_top1": 100.0 * total[1].item() / total[2].item(),
-            "lr": lr, "epoch_s": seconds, "img_per_s": total[2].item() / seconds}  # fmt: skip
+            "train_top1": 100.0 * total[1].item() / total[2].item(), "lr": lr,
+            "epoch_s": seconds, "img_per_s": total[2].item() / seconds,
+            "train_cpu_s": cpu.item(), "img_per_cpu_s": total[2].item() / cpu.item()}  # fmt: skip
 
 
 def _val_top1(net, cfg: FinetuneConfig, urls: str, rank: int, world: int, device) -> float:
@@ -166,7 +170,8 @@ def _summed(t: torch.Tensor) -> torch.Tensor:
 def _epoch_line(epoch: int, epochs: int, s: dict[str, float]) -> str:
     return (f"[finetune] epoch {epoch + 1}/{epochs} | loss {s['train_loss']:.3f} "
             f"train {s['train_top1']:.1f}% val {s[SCORE]:.2f}% | lr {s['lr']:.4f} | "
-            f"{s['img_per_s']:.0f} img/s, {s['epoch_s']:.1f}s")  # fmt: skip
+            f"{s['img_per_s']:.0f} img/s, {s['epoch_s']:.1f}s, "
+            f"{s['train_cpu_s']:.0f} CPU-s")  # fmt: skip
 
 
 def _restore(net, opt) -> int:
