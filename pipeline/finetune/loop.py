@@ -100,7 +100,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     try:
         for epoch in range(start, cfg.optim.epochs):
             stats = _train_epoch(ddp, opt, cfg, loop["shards"]["train"], epoch, rank, world)
+            cpu0 = time.process_time()
             stats[SCORE] = _val_top1(net, cfg, loop["shards"]["val"], rank, world, device)
+            spent = torch.tensor([time.process_time() - cpu0], dtype=torch.float64)
+            stats["val_cpu_s"] = _summed(spent).item()
             if rank == 0:
                 print(_epoch_line(epoch, cfg.optim.epochs, stats), flush=True)
             if logger is not None:
