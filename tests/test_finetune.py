@@ -137,6 +137,29 @@ def test_classifier_starts_from_the_encoder_and_decays_weights_only():
     assert sum(p.numel() for g_ in opt.param_groups for p in g_["params"]) == n_params
 
 
+def test_encoder_init_from_a_checkpoint_and_seeded_random(tmp_path):
+    from evaluation.finetune_source import encoder_init, split_encoder_arg
+    from pipeline.checkpoint import save_encoder
+    from pipeline.config import Config
+
+    g = build_generator(TINY)
+    save_encoder(tmp_path / "generator.pt", g, Config(model=TINY))
+    enc = encoder_init("ce", str(tmp_path), model=ModelConfig(), seed=0, download_dir=tmp_path)
+    assert (enc.kind, enc.model) == ("context_encoder", TINY)  # its own architecture
+    assert enc.state.keys() == g.encoder.state_dict().keys()
+    assert all(torch.equal(v, g.encoder.state_dict()[k]) for k, v in enc.state.items())
+    r0, r0b, r1 = (encoder_init("r", "random", model=TINY, seed=s, download_dir=tmp_path)
+                   for s in (0, 0, 1))  # fmt: skip
+    assert r0.kind == "random_init" and r0.source == "random_init:0"
+    w = "conv2.0.weight"
+    assert torch.equal(r0.state[w], r0b.state[w]) and not torch.equal(r0.state[w], r1.state[w])
+    assert split_encoder_arg("random") == ("random_init", "random")
+    assert split_encoder_arg("ce=runs:/abc/encoder") == ("ce", "runs:/abc/encoder")
+    assert split_encoder_arg("runs:/abc/encoder") == ("context_encoder", "runs:/abc/encoder")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        encoder_init("x", str(tmp_path / "none.pt"), model=TINY, seed=0, download_dir=tmp_path)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key"):
         load_finetune_config("jobs/configs/finetune_cifar10.yaml", ["optim.lr_max=1"])
