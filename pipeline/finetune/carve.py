@@ -28,7 +28,10 @@ from pipeline.data.writer import SHARD_MTIME
 from pipeline.finetune.settings import FinetuneData
 
 CARVE_FILE = "carve.json"
-SPLITS = ("train", "val")
+CARVE_LAYOUT = 2  # in the carve id: a change of how carves are written never reuses old ones
+# The labelled split is cut into this many shards, written in a seeded random order: the loader
+# reshuffles shard order every epoch, so each rank's share changes from epoch to epoch.
+TRAIN_SHARDS = 8
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,10 @@ class Carve:
     num_classes: int
 
     def shards(self, split: str) -> str:
-        return str(self.folder / f"{split}-000000.tar")
+        """The brace pattern of a split's shards: train-{000000..000007}.tar, val-000000.tar."""
+        last = len(list(self.folder.glob(f"{split}-*.tar"))) - 1
+        name = f"{split}-{{000000..{last:06d}}}.tar" if last > 0 else f"{split}-000000.tar"
+        return str(self.folder / name)
 
 
 def stratified_carve(
@@ -75,7 +81,7 @@ def carve_id(data: FinetuneData, urls: list[str]) -> str:
     for url in urls:
         size = os.path.getsize(url) if os.path.exists(url) else -1
         h.update(f"{url}|{size}\n".encode())
-    h.update(f"{data.label_fraction}|{data.val_images}|{data.carve_seed}".encode())
+    h.update(f"{data.label_fraction}|{data.val_images}|{data.carve_seed}|{CARVE_LAYOUT}".encode())
     return h.hexdigest()[:16]
 
 
@@ -115,11 +121,11 @@ def carve(data: FinetuneData, output_root: str) -> Carve:
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".carve-", dir=folder.parent))
-    picked = {"train": train, "val": val}
-    for split in SPLITS:
-        idx = picked[split]
-        _write_split(staging / f"{split}-000000.tar", [keys[i] for i in idx],
-                     [samples[i] for i in idx])  # fmt: skip
+    order = np.random.default_rng([data.carve_seed, 23]).permutation(train)
+    for k, part in enumerate(np.array_split(order, min(TRAIN_SHARDS, len(order)))):
+        _write_split(staging / f"train-{k:06d}.tar", [keys[i] for i in part],
+                     [samples[i] for i in part])  # fmt: skip
+    _write_split(staging / "val-000000.tar", [keys[i] for i in val], [samples[i] for i in val])
     meta = {
         "pool": urls, "label_fraction": data.label_fraction, "val_images": data.val_images,
         "carve_seed": data.carve_seed, "num_classes": int(labels.max()) + 1,
