@@ -168,7 +168,7 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="label_fraction"):
         load_finetune_config("jobs/configs/finetune_cifar10.yaml", ["data.label_fraction=0"])
     cfg = load_finetune_config("jobs/configs/finetune_cifar10.yaml")
-    assert (cfg.data.label_fraction, cfg.optim.epochs, cfg.run.num_workers) == (0.1, 15, 2)
+    assert (cfg.data.label_fraction, cfg.optim.epochs, cfg.run.num_workers) == (0.1, 30, 2)
 
 
 def test_cli_missing_test_shards_is_one_line_exit_2(tmp_path, capsys):

@@ -37,7 +37,7 @@ class FinetuneOptim:
     momentum: float = 0.9  # SGD momentum (AdamW: beta1)
     weight_decay: float = 5e-4  # on conv / linear weights only, never on BN or biases
     warmup_epochs: float = 1.0  # linear warm-up from 0, then cosine to 0 at the last step
-    epochs: int = 15
+    epochs: int = 30
 
 
 @dataclass(frozen=True)
