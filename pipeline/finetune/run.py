@@ -100,7 +100,7 @@ def open_run(cfg: FinetuneConfig, enc: EncoderInit) -> TrackedRun:
 def select(cfg: FinetuneConfig, enc: EncoderInit, run: TrackedRun, address: str = "") -> Selected:
     """Carve, fine-tune on Ray Train, and choose the epoch with the best val top-1 (the earliest
     of equals). Reads the training pool only."""
-    from pipeline.finetune.loop import SCORE, build_finetune_trainer
+    from pipeline.finetune.loop import MODEL_FILE, RANK, SCORE, build_finetune_trainer
     from pipeline.runtime import connect_ray
 
     chosen_images = carve(cfg.data, str(local_root(cfg.run.output_root)))
@@ -116,9 +116,7 @@ def select(cfg: FinetuneConfig, enc: EncoderInit, run: TrackedRun, address: str 
     kept = result.best_checkpoints or []
     if not kept:
         raise RuntimeError(f"fine-tune run {run.run_name} reported no checkpoint")
-    ckpt, metrics = max(kept, key=lambda cm: (cm[1][SCORE], -cm[1]["epoch"]))
-    from pipeline.finetune.loop import MODEL_FILE
-
+    ckpt, metrics = max(kept, key=lambda cm: cm[1][RANK])  # the earliest of the best
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
     return Selected(chosen_images, int(metrics["epoch"]), float(metrics[SCORE]), state["model"])
