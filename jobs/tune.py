@@ -67,12 +67,14 @@ def prepare(argv: list[str] | None = None) -> Work | None:
 
 
 def search(settings: TuneSettings, base: dict, address: str = "") -> SearchResult:
-    res = run_search(settings, base, address=address)
+    from evaluation.knn_score import KnnScore
+
+    res = run_search(settings, base, address=address, make_score=KnnScore)
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(res.table.to_string(index=False))
-    print(f"[tune] best config: {res.best_config_path}")
+    print(f"[tune] best config (trial {res.best_trial_id}, final score): {res.best_config_path}")
     print(f"[tune] MLflow parent run {res.parent_run_id} in {res.tracking_uri}")
     return res
 

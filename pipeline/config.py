@@ -86,6 +86,11 @@ class LossConfig:
     lambda_adv: float = 0.001  # 0 builds and runs no discriminator at all
     overlap_weight: float = 10.0  # centre mask: L2 weight of the visible ring vs the interior
     visible_weight: float = 0.0  # random masks: L2 weight of visible pixels (0 = ignored)
+    # Full-image output (random masks): what D judges as fake. "pasted" = the prediction inside
+    # the hole on the real context (this project's default); "prediction" = G's raw output, as
+    # the released train_random.lua (pair it with visible_weight=1: its whole-image L2). The
+    # centre mask always hands D the predicted square. See docs/method.md.
+    discriminator_input: Literal["pasted", "prediction"] = "pasted"
 
 
 @dataclass(frozen=True)

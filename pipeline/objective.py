@@ -30,17 +30,26 @@ def region(t: Tensor, model: ModelConfig) -> Tensor:
     return t[..., lo : lo + side, lo : lo + side]
 
 
-def discriminator_input(pred: Tensor, target: Tensor, mask: Tensor, centre: bool) -> Tensor:
-    """What D judges as "fake". Centre: the predicted square itself (the released code).
-    Full-image output (random masks): the prediction pasted into the real image,
-    pred * m + target * (1 - m), as released `train_random.lua` hands D. D's input then differs
-    from a real image only inside the hole, so the adversarial gradient reaches G's dropped
-    pixels and never the visible ones, which no loss constrains at the default
-    `visible_weight` = 0 and which `inpaint` replaces with the real context anyway.
-    pred/target (B, 3, h, w), mask (B, 1, h, w) with 1 = dropped; the result is float32 when
-    pred is bf16 (type promotion), like the real images D sees."""
-    if centre:
+def discriminator_input(
+    pred: Tensor, target: Tensor, mask: Tensor, centre: bool, mode: str = "pasted"
+) -> Tensor:
+    """What D judges as "fake" (`loss.discriminator_input`). Centre: the predicted square itself
+    (the released code), whatever `mode`. Full-image output (random masks):
+
+    - "pasted" (default): the prediction pasted into the real image, pred * m + target * (1 - m).
+      D's input then differs from a real image only inside the hole, so the adversarial gradient
+      reaches G's dropped pixels and never the visible ones, which no loss constrains at the
+      default `visible_weight` = 0 and which `inpaint` replaces with the real context anyway.
+    - "prediction": G's raw output, as the released `train_random.lua` hands D (`input_center:
+      copy(fake)`). D may then tell fakes by their visible pixels too; the release pairs it with
+      an L2 over the whole image (`visible_weight` = 1) that keeps those close to the input.
+
+    pred/target (B, 3, h, w), mask (B, 1, h, w) with 1 = dropped; the pasted result is float32
+    when pred is bf16 (type promotion), like the real images D sees."""
+    if centre or mode == "prediction":
         return pred
+    if mode != "pasted":
+        raise ValueError(f"discriminator_input: mode {mode!r} is not 'pasted' or 'prediction'")
     m = mask.to(target.dtype)
     return pred * m + target * (1.0 - m)
 

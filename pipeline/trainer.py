@@ -64,6 +64,7 @@ class Trainer:
             cfg.train.precision, cfg.train.channels_last, self.device
         )
         self.centre = not cfg.model.full_image_output
+        self.d_input = cfg.loss.discriminator_input  # what D judges (random masks)
         self.step = self.epoch = self.batch_in_epoch = 0
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every run
         self.g: Generator = self._prepare(build_generator(cfg.model))
@@ -115,7 +116,7 @@ class Trainer:
             pred = self._g_fwd(inp)  # (B, 3, T, T)
         parts: dict[str, Tensor] = {}
         if self.d is not None:
-            fake = discriminator_input(pred.detach(), target, mask, self.centre)
+            fake = discriminator_input(pred.detach(), target, mask, self.centre, self.d_input)
             parts.update(self._d_step(target, fake))
         parts.update(self._g_step(pred, target, mask))
         self.step += 1
@@ -144,7 +145,7 @@ class Trainer:
         logits = None
         if self.d is not None:
             self.d.requires_grad_(False)
-            fake = discriminator_input(pred, target, mask, self.centre)
+            fake = discriminator_input(pred, target, mask, self.centre, self.d_input)
             with self._autocast():
                 logits = self._d_raw(fake)
         try:

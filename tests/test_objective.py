@@ -153,3 +153,34 @@ def test_centre_discriminator_judges_the_predicted_square_itself():
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 1:15, 1:15] = 1
     assert discriminator_input(pred, target, mask, centre=True) is pred
+
+
+def test_released_random_variant_d_sees_raw_output_and_l2_covers_the_whole_image():
+    # loss.discriminator_input=prediction + loss.visible_weight=1: train_random.lua's objective.
+    # D judges G's raw output, so the adversarial gradient also reaches the visible pixels, and
+    # the L2 is torch's plain MSE over every pixel (the release's nn.MSECriterion).
+    from pipeline.config import load_config
+    from pipeline.model import build_discriminator
+    from pipeline.objective import discriminator_input
+
+    cfg = load_config(None, ["loss.discriminator_input=prediction", "loss.visible_weight=1"])
+    assert cfg.loss.discriminator_input == "prediction"
+    torch.manual_seed(0)
+    model = ModelConfig(image_size=32, width=8, bottleneck=16, full_image_output=True)
+    d = build_discriminator(model)
+    target = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 4:14, 10:25] = 1
+    pred = torch.randn(2, 3, 32, 32, requires_grad=True)
+    fake = discriminator_input(pred, target, mask, centre=False, mode="prediction")
+    assert fake is pred
+    adv = generator_loss(pred, target, mask, LossConfig(lambda_rec=0.0, lambda_adv=1.0),
+                         centre=False, fake_logits=d(fake))["loss_adv"]  # fmt: skip
+    (grad,) = torch.autograd.grad(adv, pred)
+    assert grad[~mask.expand_as(grad).bool()].abs().gt(0).float().mean() > 0.9
+    rec = reconstruction_loss(pred, target, mask, cfg.loss, centre=False)
+    assert rec.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
+    # The centre mask hands D the predicted square whatever the mode.
+    assert discriminator_input(pred, target, mask, centre=True, mode="pasted") is pred
+    with pytest.raises(ValueError, match="is not one of"):
+        load_config(None, ["loss.discriminator_input=raw"])

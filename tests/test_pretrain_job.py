@@ -241,6 +241,11 @@ def test_shipped_yaml_configs_are_valid():
         if path.name.startswith("tune_"):  # a search: its base config and its space
             settings, base = load_settings(path)
             assert build_space(settings, base)
+        elif path.name.startswith("finetune_"):  # a fine-tune (pipeline.finetune.settings)
+            from pipeline.finetune import load_finetune_config
+
+            ft = load_finetune_config(path)
+            assert ft.model.image_size == ft.data.image_size, path
         else:
             cfg = load_config(path)
             assert cfg.model.image_size == cfg.data.image_size, path
@@ -252,7 +257,7 @@ def test_shipped_configs_validate_on_training_images_never_on_test(cifar_dir):
     from pipeline.data import expand_urls
 
     for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
-        if path.name.startswith("tune_"):
+        if path.name.startswith(("tune_", "finetune_")):  # finetune: val carved (test_finetune)
             continue
         cfg = load_config(path)
         assert cfg.data.val_shards, path

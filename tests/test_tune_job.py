@@ -64,8 +64,10 @@ def test_three_trial_search(tmp_path, ray_local, cifar_dir):
 
     best = load_config(res.best_config_path)  # jobs.pretrain accepts it as is
     assert best.run.run_name == ""  # a fresh run, not a trial's
-    best_row = table.iloc[0]
+    best_row = table.iloc[0]  # the completed trial with the best final score
     assert best.train.lr_g == pytest.approx(best_row["config/train.lr_g"])
+    assert best_row["trial_id"] == res.best_trial_id and best_row["completed"]
+    assert best_row["step"] == 6
 
     c = MlflowClient(tracking_uri=res.tracking_uri)
     exp = c.get_experiment_by_name("tune-test")

@@ -69,6 +69,13 @@ def load_settings(
     budget = as_overrides(settings.overrides)
     base = apply_overrides(read_yaml(base_path) or {}, budget)
     validate(from_dict(base))
+    if not (base.get("data") or {}).get("val_shards"):
+        # Every trial is ranked on held-out images (knn_top1 queries, val_rec_l2): without
+        # them the kNN's queries would be its own training images, each finding itself.
+        raise ConfigError(
+            f"tune: {base_path.name} sets no data.val_shards; a search ranks trials on held-out "
+            "images (the kNN score would query the training images, which find themselves)"
+        )
     if settings.num_samples < 1:
         raise ConfigError("tune: num_samples must be >= 1")
     return settings, base

@@ -5,19 +5,24 @@ finding the encoder of the best trial that finished.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import flatten, to_dict
-from pipeline.search.scoring import KnnScore
 from pipeline.search.settings import TuneSettings
 from pipeline.search.space import trial_config
 from pipeline.storage import join
 from pipeline.tracking import RunLogger, client, start_or_resume_run, tracked_run
 
+# Builds a trial's per-checkpoint score from its config and the search's kNN settings
+# (evaluation.knn_score.KnnScore; passed in, since pipeline/ never imports evaluation/).
+MakeScore = Callable[[Any, Any], Callable[[Any], dict[str, float]]]
+
 
 def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, root: str,
-              uri: str, parent_run_id: str) -> None:  # fmt: skip
-    """A Tune function trainable: one pretraining run, reported to Tune via its callback."""
+              uri: str, parent_run_id: str, make_score: MakeScore) -> None:  # fmt: skip
+    """A Tune function trainable: one pretraining run, reported to Tune via its callback, with
+    `make_score(cfg, settings.probe)` run at each checkpoint."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -35,7 +40,7 @@ def run_trial(params: dict[str, Any], *, base: dict, settings: TuneSettings, roo
         RunLogger(uri, run_id).params(flatten(to_dict(cfg)))
     trainer = build_trainer(
         cfg, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
-        callbacks=[TuneReportCallback()], extra_scores=KnnScore(cfg, settings.probe),
+        callbacks=[TuneReportCallback()], extra_scores=make_score(cfg, settings.probe),
     )  # fmt: skip
     with tracked_run(uri, run_id):
         trainer.fit()
