@@ -188,3 +188,21 @@ def test_dockerignore_keeps_data_and_outputs_out() -> None:
     }
     assert {".git", "*.tar", "/outputs", "mlflow.db", "mlruns"} <= ignored
     assert not {"pyproject.toml", "README.md", "pipeline", "jobs"} & ignored
+
+
+def test_rayjob_entrypoint_is_a_valid_paper128_run(capsys):
+    """The RayJob's command, as its submitter runs it: the shipped config by name, overrides
+    that exist and type-check (--print-config stops before shards or Ray are needed), and a
+    retry policy so that a failed run is resumed on a new cluster."""
+    import shlex
+
+    from jobs.pretrain import main
+
+    doc = next(yaml.safe_load_all((REPO / "cluster" / "kuberay-rayjob.yaml").read_text()))
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:5] == ["python", "-m", "jobs.pretrain", "--config", "paper128"]
+    assert main([*argv[3:], "--print-config"]) is None
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["image_size"] == 128 and cfg["run"]["num_workers"] == 4
+    assert cfg["run"]["run_name"] == "paper128-centre"  # a fixed name: a rerun resumes it
+    assert doc["spec"]["backoffLimit"] >= 1
