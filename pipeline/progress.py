@@ -2,7 +2,7 @@
 --follow` (or a terminal) shows step, losses, throughput and an ETA.
 
     [train] start at step 0/6000 (fresh) | 2 workers | global batch 64 (32 x 2)
-    [train] step 1200/6000 (20%) epoch 3 | loss_g 0.0123 loss_rec 0.0120 loss_d 1.31 | 412 img/s | ETA 11m40s
+    [train] step 1200/6000 (20%) epoch 3 | loss_g 0.0123 loss_rec 0.0120 loss_d 1.31 | 412 img/s | data wait 35% | ETA 11m40s
     [train] checkpoint at step 1200 | val_rec_l2 0.0148 val_fill_l2 0.0391
     [train] done: step 6000/6000 in 58m12s | 405 img/s on average
 
@@ -67,14 +67,20 @@ def progress_line(
     losses: Mapping[str, float],
     images_per_s: float,
     eta_s: float,
+    data_wait_frac: float | None = None,
 ) -> str:
-    """One compact line: step, share done, epoch, the LOSS_KEYS present, img/s, ETA."""
+    """One compact line: step, share done, epoch, the LOSS_KEYS present, img/s, the share of
+    the step spent waiting for the batch (when measured: a high one means decoding starves
+    the accelerator), ETA."""
     pct = 100 * step // max(max_steps, 1)
     parts = " ".join(f"{k} {format_number(losses[k])}" for k in LOSS_KEYS if k in losses)
     line = f"[train] step {step}/{max_steps} ({pct}%) epoch {epoch}"
     if parts:
         line += f" | {parts}"
-    return f"{line} | {images_per_s:.0f} img/s | ETA {format_duration(eta_s)}"
+    line += f" | {images_per_s:.0f} img/s"
+    if data_wait_frac is not None and math.isfinite(data_wait_frac):
+        line += f" | data wait {100 * data_wait_frac:.0f}%"
+    return f"{line} | ETA {format_duration(eta_s)}"
 
 
 def start_line(step: int, max_steps: int, world_size: int, batch_per_rank: int) -> str:
@@ -133,9 +139,11 @@ class ProgressLog:
         self.last_step, self.t_last = step, now
         eta = (self.max_steps - step) / self.rate if self.rate else float("nan")
         images_per_s = float(metrics.get("images_per_s", float("nan"))) * self.world
+        wait = metrics.get("data_wait_frac")
         return progress_line(
-            step, self.max_steps, int(metrics.get("epoch", 0)), metrics, images_per_s, eta
-        )
+            step, self.max_steps, int(metrics.get("epoch", 0)), metrics, images_per_s, eta,
+            None if wait is None else float(wait),
+        )  # fmt: skip
 
     def end(self, step: int) -> str:
         images = (step - self.start_step) * self.batch * self.world

@@ -34,6 +34,7 @@ from pipeline.config import Config, from_dict, to_dict
 from pipeline.data import build_loader
 from pipeline.data.ray_data import build_dataset, epoch_batches
 from pipeline.mlflow_encoder import log_encoder_model
+from pipeline.node_metrics import NodeSampler, gather_node_metrics
 from pipeline.passes import eval_mode, take_batches
 from pipeline.progress import ProgressLog, checkpoint_line, emit
 from pipeline.retry import RetryPolicy
@@ -148,11 +149,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=world, epoch=epoch, seed=cfg.train.seed, start_batch=start_batch,
         )  # fmt: skip
 
+    # Every node's system metrics, gathered to rank 0 (pipeline.node_metrics: only rank 0 logs).
+    # The same decision on every rank: the gather in on_log is a collective.
+    every_s = cfg.run.system_metrics_every_s
+    nodes = world > 1 and every_s > 0 and bool(loop_config.get("mlflow_run_id"))
+    sampler = NodeSampler(every_s) if nodes and ctx.get_local_rank() == 0 else None
+
     def on_log(metrics: dict[str, float]) -> None:
         if rank == 0:
             emit(progress.line(metrics))
+        system = gather_node_metrics(sampler, f"node{ctx.get_node_rank()}") if nodes else {}
         if logger is not None:
-            logger.metrics(_numeric(metrics), step=int(metrics["step"]))
+            logger.metrics(_numeric(metrics) | system, step=int(metrics["step"]))
 
     def on_checkpoint(t: Trainer) -> None:
         scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
@@ -174,6 +182,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.file(path, str(Path(ENCODER_ARTIFACT).parent))
             _log_encoder_model(trainer, cfg, loop_config)
     finally:
+        if sampler is not None:
+            sampler.stop()
         if logger is not None:  # bounded: what is still unsent stays in the spool
             print(logger.close(cfg.run.tracking_flush_timeout_s), flush=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -296,9 +296,11 @@ def fit(
     loader_for_epoch(epoch, start_batch) returns the rest of that epoch: len() is the number of
     batches it yields from start_batch on (pipeline.data.build_loader: steps - start_batch).
 
-    on_log gets the train_step dict + "step", "epoch", "images_per_s", "skipped" every
-    train.log_every steps; on_checkpoint gets the trainer every train.checkpoint_every steps
-    and once at the end. Called on every rank: the caller decides what rank 0 writes."""
+    on_log gets the train_step dict + "step", "epoch", "images_per_s", "skipped",
+    "data_wait_s" (mean seconds a step waited for its batch) and "data_wait_frac" (that wait's
+    share of the step: wait / (wait + train_step)) every train.log_every steps; on_checkpoint
+    gets the trainer every train.checkpoint_every steps and once at the end. Called on every
+    rank: the caller decides what rank 0 writes."""
     meter = _Meter()
     last_ckpt = trainer.step
     while trainer.step < trainer.cfg.train.max_steps:
@@ -329,10 +331,11 @@ def _run_epoch(
     the next epoch rather than at an empty tail."""
     tc, ran = trainer.cfg.train, 0
     # At most `remaining`: a loader longer than its len() must not shift epoch boundaries.
-    for batch in take_batches(loader, n_batches=remaining):
+    for wait_s, batch in _timed(take_batches(loader, n_batches=remaining)):
         ran += 1
+        t0 = time.perf_counter()
         metrics = trainer.train_step(batch)
-        meter.add(_batch_len(batch), _skipped(batch))
+        meter.add(_batch_len(batch), _skipped(batch), wait_s, time.perf_counter() - t0)
         trainer.batch_in_epoch += 1
         if ran == remaining:
             trainer.epoch, trainer.batch_in_epoch = trainer.epoch + 1, 0
@@ -350,15 +353,33 @@ def _run_epoch(
     return last_ckpt
 
 
+def _timed(batches: Iterable[Batch]) -> Iterator[tuple[float, Batch]]:
+    """(seconds this process waited for the batch, batch): the time the loader's next() took,
+    i.e. how long decoding (or its prefetch running dry) held the step up. On rank 0 under
+    DDP this is rank 0's own wait; a slower rank's wait shows as rank 0's step time instead."""
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - t0, batch
+
+
 class _Meter:
-    """Images/s and skipped-sample count since the last log."""
+    """Images/s, skipped-sample count and data wait since the last log."""
 
     def __init__(self):
         self.t0, self.images, self.skipped = time.perf_counter(), 0, 0
+        self.steps, self.wait_s, self.step_s = 0, 0.0, 0.0
 
-    def add(self, images: int, skipped: int) -> None:
+    def add(self, images: int, skipped: int, wait_s: float = 0.0, compute_s: float = 0.0) -> None:
         self.images += images
         self.skipped += skipped
+        self.steps += 1
+        self.wait_s += wait_s
+        self.step_s += wait_s + compute_s
 
     def flush(self, trainer: Trainer) -> dict[str, float]:
         now = time.perf_counter()
@@ -367,6 +388,9 @@ class _Meter:
             "epoch": float(trainer.epoch),
             "images_per_s": self.images / max(now - self.t0, 1e-9),
             "skipped": float(self.skipped),
+            "data_wait_s": self.wait_s / max(self.steps, 1),
+            "data_wait_frac": self.wait_s / self.step_s if self.step_s > 0 else 0.0,
         }
         self.t0, self.images, self.skipped = now, 0, 0
+        self.steps, self.wait_s, self.step_s = 0, 0.0, 0.0
         return out

@@ -82,10 +82,15 @@ def test_two_workers_complete_and_track(tmp_path, ray_local, cifar_small):
 
     resolved = resolve("auto", "auto", capabilities("cpu")).as_tags()
     assert {k: run.data.tags.get(k) for k in resolved} == resolved
-    for key in ("loss_rec", "loss_g", "loss_d", "images_per_s", "val_rec_l2"):
+    for key in ("loss_rec", "loss_g", "loss_d", "images_per_s", "val_rec_l2", "data_wait_s"):
         assert key in run.data.metrics, key
+    assert 0 <= run.data.metrics["data_wait_frac"] <= 1
     history = c.get_metric_history(run.info.run_id, "loss_rec")
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    # Both ranks on this one node: its series once, gathered to rank 0 at every log step.
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/node")} == {"node0"}
+    cpu = c.get_metric_history(run.info.run_id, "system/node0/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == [2, 4, 6, 8, 10, 12]
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "encoder", "samples"} <= artifacts
     samples = [a.path for a in c.list_artifacts(run.info.run_id, "samples")]

@@ -53,6 +53,20 @@ def test_progress_line_matches_the_issue_example() -> None:
     assert line == "[train] step 5/10 (50%) epoch 0 | loss_rec 0.500 | 10 img/s | ETA ?"
 
 
+def test_progress_line_shows_the_data_wait_share() -> None:
+    """fit's data_wait_frac (rank 0's wait for its batch / its step) reaches the line, so a
+    starved accelerator shows in the log; a NaN one (nothing measured) is left out."""
+    line = progress_line(1200, 6000, 3, {"loss_g": 0.01234}, 412.2, 700, data_wait_frac=0.351)
+    assert line == (
+        "[train] step 1200/6000 (20%) epoch 3 | loss_g 0.0123 | 412 img/s | data wait 35% | "
+        "ETA 11m40s"
+    )
+    assert "data wait" not in progress_line(5, 10, 0, {}, 10, 1, data_wait_frac=float("nan"))
+    log = ProgressLog(max_steps=10, start_step=0, world_size=1, batch_per_rank=4,
+                      clock=lambda: 0.0)  # fmt: skip
+    assert "| data wait 80% |" in log.line({"step": 2, "images_per_s": 8, "data_wait_frac": 0.8})
+
+
 def test_eta_comes_from_the_smoothed_step_rate() -> None:
     now = [100.0]
     log = ProgressLog(max_steps=1000, start_step=200, world_size=2, batch_per_rank=32,

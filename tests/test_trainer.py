@@ -219,6 +219,42 @@ def test_fit_logs_checkpoints_and_rolls_epochs():
     assert calls == [(2, 1)] and (t2.step, t2.epoch, t2.batch_in_epoch) == (8, 2, 2)
 
 
+def test_fit_measures_the_wait_for_each_batch():
+    """A loader that takes a known 0.15 s per batch: data_wait_s is that time, and
+    data_wait_frac its share of the whole step (wait + the measured train step)."""
+    import time
+
+    class SlowLoader(ListLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                time.sleep(0.15)
+                yield batch
+
+    t = Trainer(tiny_config(train=TrainConfig(max_steps=4, log_every=2, checkpoint_every=4)))
+    logs, steps = [], []
+    real_step = t.train_step
+
+    def timed_step(batch):  # the train step's own time, measured from outside fit
+        t0 = time.perf_counter()
+        out = real_step(batch)
+        steps.append(time.perf_counter() - t0)
+        return out
+
+    t.train_step = timed_step
+    fit(t, lambda e, s: SlowLoader(e, s, n=4), on_log=logs.append)
+    assert [m["step"] for m in logs] == [2, 4]
+    for i, m in enumerate(logs):
+        compute = sum(steps[2 * i : 2 * i + 2]) / 2
+        assert 0.15 <= m["data_wait_s"] < 0.15 + 0.05  # the sleep, plus a batch's own cost
+        expected = m["data_wait_s"] / (m["data_wait_s"] + compute)
+        assert m["data_wait_frac"] == pytest.approx(expected, abs=0.02)
+    # And a loader that never waits: a share near zero.
+    t2 = Trainer(tiny_config(train=TrainConfig(max_steps=4, log_every=2, checkpoint_every=4)))
+    fast = []
+    fit(t2, lambda e, s: [make_batch(seed=j) for j in range(s, 4)], on_log=fast.append)
+    assert all(m["data_wait_s"] < 0.01 and m["data_wait_frac"] < 0.2 for m in fast)
+
+
 def test_fit_rejects_an_empty_loader():
     t = Trainer(tiny_config())
     with pytest.raises(ValueError, match="has 0 batches"):

@@ -101,16 +101,17 @@ def test_impossible_space_is_a_clear_error(tmp_path, cifar_dir, space, match):
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-def test_concurrency_leaves_room_for_workers(tmp_path, cifar_dir):
-    from pipeline.config import from_dict
+def test_concurrency_is_not_sized_from_the_cluster_at_start(tmp_path, cifar_dir):
+    """0 (the default) is no cap, whatever the cluster holds now; a positive value caps."""
+    import dataclasses
+
     from pipeline.search import concurrent_trials, load_settings
 
-    settings, base = load_settings(write_configs(tmp_path, cifar_dir, SPACE))
-    cfg = from_dict(base)
-    assert concurrent_trials(settings, cfg, cluster_cpus=2) == 2  # 1 worker x 1 CPU each
-    two = from_dict({**base, "run": {**base["run"], "num_workers": 2}})
-    assert concurrent_trials(settings, two, cluster_cpus=2) == 1
-    assert concurrent_trials(settings, two, cluster_cpus=1) == 1  # never 0
+    settings, _ = load_settings(write_configs(tmp_path, cifar_dir, SPACE))
+    assert settings.max_concurrent_trials == 0 and concurrent_trials(settings) is None
+    assert concurrent_trials(dataclasses.replace(settings, max_concurrent_trials=2)) == 2
+    with pytest.raises(ConfigError, match="max_concurrent_trials must be >= 0"):
+        load_settings(write_configs(tmp_path, cifar_dir, SPACE, max_concurrent_trials=-1))
 
 
 def test_seeded_search_draws_the_same_trials_including_exact_zeros():

@@ -1,5 +1,5 @@
 """The search driver: one Tuner over the space (seeded sampler, ASHA on the chosen metric,
-concurrency the cluster's CPUs allow), the parent MLflow run its trials nest under, and what a
+every trial admitted unless capped), the parent MLflow run its trials nest under, and what a
 finished search leaves behind (trials table, best_config.yaml). Running the same search again
 after an interruption continues it.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, dump_config, from_dict, to_dict, validate
+from pipeline.config import dump_config, from_dict, to_dict, validate
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.search.settings import MODES, TuneSettings
 from pipeline.search.space import build_space, trial_config
@@ -21,13 +21,17 @@ from pipeline.tracking import RunLogger, start_or_resume_run, tracked_run
 SCORE_COLUMNS = ("trial_id", "step", "training_iteration", "val_rec_l2", "val_fill_l2", "knn_top1")
 
 
-def concurrent_trials(settings: TuneSettings, cfg: Config, cluster_cpus: float) -> int:
-    """Trials whose workers fit the cluster at once. Trial drivers reserve no CPU (they only
-    wait on their workers), so admitted trials can never starve their own workers."""
-    if settings.max_concurrent_trials > 0:
-        return settings.max_concurrent_trials
-    per_trial = max(1, cfg.run.num_workers) * cfg.run.cpus_per_worker
-    return max(1, int(cluster_cpus // per_trial))
+def concurrent_trials(settings: TuneSettings) -> int | None:
+    """Tune's `max_concurrent_trials`: the YAML's cap, or None (no cap) for 0.
+
+    Not sized from the CPUs the cluster holds at start: on an autoscaling cluster whose
+    workers start at zero that would be one trial at a time forever. Uncapped, every trial's
+    driver starts (drivers hold no CPU, `_trainable`) and its Train worker group waits for CPUs
+    (Ray Train retries the placement every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s); the
+    waiting placement groups are the demand the autoscaler scales up for, and trials run as
+    nodes join. Each waiting trial costs a driver and a Train controller process (no CPU, a
+    few hundred MB) on the cluster: cap searches of many samples."""
+    return settings.max_concurrent_trials or None
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def run_search(
     if not resumed:
         RunLogger(uri, parent_id).params({f"search.{k}": v for k, v in settings.space.items()})
     trainable = _trainable(settings, base, root, uri, parent_id, make_score)
-    tuner = _tuner(trainable, space, settings, base_cfg, join(root, "ray_tune"))
+    tuner = _tuner(trainable, space, settings, join(root, "ray_tune"))
     with tracked_run(uri, parent_id):
         results = tuner.fit()
         return _write_results(results, settings, base, root, uri, parent_id)
@@ -84,9 +88,8 @@ def _trainable(settings: TuneSettings, base: dict, root: str, uri: str, parent_i
     )
 
 
-def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tune_dir: str):
+def _tuner(trainable, space: dict, settings: TuneSettings, tune_dir: str):
     """A new Tuner, or the interrupted one restored from `tune_dir` (errored trials retried)."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -95,13 +98,12 @@ def _tuner(trainable, space: dict, settings: TuneSettings, base_cfg: Config, tun
     if tune.Tuner.can_restore(previous):
         print(f"[tune] resuming the search in {previous}", flush=True)
         return tune.Tuner.restore(previous, trainable, resume_errored=True)
-    concurrency = concurrent_trials(settings, base_cfg, ray.cluster_resources().get("CPU", 1))
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=settings.objective, mode=MODES[settings.objective],
-            num_samples=settings.num_samples, max_concurrent_trials=concurrency,
+            num_samples=settings.num_samples, max_concurrent_trials=concurrent_trials(settings),
             search_alg=BasicVariantGenerator(random_state=settings.seed),
             scheduler=ASHAScheduler(grace_period=settings.asha.grace_period,
                                     reduction_factor=settings.asha.reduction_factor),

@@ -40,7 +40,9 @@ class TuneSettings:
     space: dict[str, dict] = field(default_factory=dict)  # dotted key -> distribution
     num_samples: int = 4
     objective: SearchMetric = "knn_top1"
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs hold without starving
+    # 0 = no cap: every trial starts and waits for its workers' CPUs, so a search scales out as
+    # nodes join (driver.concurrent_trials); N = at most N trials at once
+    max_concurrent_trials: int = 0
     max_failures: int = 1  # retries of a failed trial
     seed: int = 0  # the search's sampler: the same seed draws the same trial configs
     asha: AshaSettings = field(default_factory=AshaSettings)
@@ -78,4 +80,6 @@ def load_settings(
         )
     if settings.num_samples < 1:
         raise ConfigError("tune: num_samples must be >= 1")
+    if settings.max_concurrent_trials < 0:
+        raise ConfigError("tune: max_concurrent_trials must be >= 0 (0 = no cap)")
     return settings, base
