@@ -20,10 +20,11 @@ ARG TORCH_VERSION=2.13.0
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
       --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"
 
-# Object-storage extras: s3:// and gs:// shard URLs, checkpoints and MLflow artifacts. A GPU
+# Extras: s3:// and gs:// shard URLs, checkpoints and MLflow artifacts; `server`, the PostgreSQL
+# driver cluster/mlflow-server.yaml's MLflow server needs (one image for every pod). A GPU
 # tag (cuXXX / gpu) adds the `gpu` extra: nvidia-ml-py, which MLflow's system metrics need
 # for the system/gpu_* metrics.
-ARG EXTRAS=s3,gcs
+ARG EXTRAS=s3,gcs,server
 # Re-declared: an ARG before FROM is not visible after it.
 ARG RAY_TAG
 # Jobs run from here, so relative paths in entrypoints (--config jobs/configs/...) resolve.

@@ -104,7 +104,7 @@ def test_dependencies_are_installed_before_the_source_is_copied(dockerfile):
     assert not any(k == "COPY" for k, _ in steps[copy_pyproject + 1 : deps])
 
 
-@pytest.mark.parametrize("extras", ["s3,gcs", "s3,gcs,gpu"])
+@pytest.mark.parametrize("extras", ["s3,gcs,server", "s3,gcs,server,gpu"])
 def test_the_dependency_layer_installs_pyprojects_requirements(dockerfile, project, extras):
     """The Dockerfile's own program, run on this pyproject: every dependency and every
     requirement of the chosen extras, nothing else."""
@@ -117,16 +117,17 @@ def test_the_dependency_layer_installs_pyprojects_requirements(dockerfile, proje
 
 def test_gpu_tags_get_the_gpu_extra_with_nvml(dockerfile, args, project):
     """MLflow's system/gpu_* metrics need pynvml (nvidia-ml-py): a GPU image installs it."""
-    assert set(args["EXTRAS"].split(",")) == {"s3", "gcs"}
+    assert set(args["EXTRAS"].split(",")) == {"s3", "gcs", "server"}
     assert {"s3", "gcs", "gpu"} <= set(project["optional-dependencies"])
     assert any(
         Requirement(r).name == "nvidia-ml-py" for r in project["optional-dependencies"]["gpu"]
     )
     run = next(a for kind, a in dockerfile if kind == "RUN" and "/tmp/requirements.txt" in a)
     case = re.search(r"case (.+?) esac", run)[0]
-    for tag, expected in [("2.60.0-py311-cpu", "s3,gcs"), ("2.60.0-py311-cu128", "s3,gcs,gpu"),
-                          ("2.60.0-py311-gpu", "s3,gcs,gpu")]:  # fmt: skip
-        script = f'RAY_TAG={tag}; EXTRAS=s3,gcs; {case}; echo "$extras"'
+    default = args["EXTRAS"]
+    for tag, expected in [("2.60.0-py311-cpu", default), ("2.60.0-py311-cu128", f"{default},gpu"),
+                          ("2.60.0-py311-gpu", f"{default},gpu")]:  # fmt: skip
+        script = f'RAY_TAG={tag}; EXTRAS={default}; {case}; echo "$extras"'
         got = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
         assert got.stdout.strip() == expected, tag
 
