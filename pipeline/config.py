@@ -133,6 +133,10 @@ class RunConfig:
     # server outage); the rest stays in <output_root>/tracking_spool, sent on resume.
     tracking_flush_timeout_s: float = 60.0
     system_metrics_every_s: float = 10.0  # rank 0 logs system/* metrics this often; 0 = off
+    # While Ray Train cannot place its workers (a node lost and not replaced, a cluster too
+    # small) the driver prints what it waits for, and after this many seconds stops the run
+    # with an error (checkpoints kept, resumable). 0 = wait forever, as Ray Train itself does.
+    worker_wait_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,7 @@ def validate(cfg: Config) -> Config:
         (cfg.run.num_workers >= 0, "run.num_workers must be >= 0"),
         (cfg.run.tracking_flush_timeout_s >= 0, "run.tracking_flush_timeout_s must be >= 0"),
         (cfg.run.system_metrics_every_s >= 0, "run.system_metrics_every_s must be >= 0"),
+        (cfg.run.worker_wait_timeout_s >= 0, "run.worker_wait_timeout_s must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
         (
             not is_uri(cfg.run.output_root) or scheme(cfg.run.output_root) in OUTPUT_SCHEMES,

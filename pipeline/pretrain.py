@@ -12,6 +12,7 @@ from pipeline.config import Config, dump_config, flatten, generator_lr, global_b
 from pipeline.runtime import connect_ray, preflight, resolve_paths
 from pipeline.storage import fs_uri
 from pipeline.tracking import RunLogger, log_shards_input, start_or_resume_run, tracked_run
+from pipeline.worker_wait import watch
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ def derived_params(cfg: Config) -> dict[str, float]:
 
 def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
-    from pipeline.ray_train import build_trainer  # imports Ray Train: only when training
+    # imports Ray Train: only when training
+    from pipeline.ray_train import build_trainer, worker_resources
 
     cfg = resolve_paths(cfg)
     uri = preflight(cfg)
@@ -56,8 +58,12 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
           f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
           f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
 
-    trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
-    with tracked_run(uri, run_id):
+    wait_s = cfg.run.worker_wait_timeout_s
+    trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id,
+                            worker_wait_timeout_s=wait_s)  # fmt: skip
+    need = worker_resources(cfg)
+    with tracked_run(uri, run_id), watch(cfg.run.num_workers, need, wait_s,
+                                         resume_hint=f"run.run_name={name}"):  # fmt: skip
         result = trainer.fit()
     ckpt = result.checkpoint
     path = fs_uri(ckpt.filesystem, ckpt.path) if ckpt is not None else None  # s3://... in a bucket
