@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-FIRST_NOTICE_S = 10.0  # a normal start places its workers within seconds
+FIRST_NOTICE_S = 30.0  # a normal start places its workers within seconds (~15 s here, loaded)
 NOTICE_EVERY_S = 30.0
 POLL_S = 2.0
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's, read by its controller
@@ -78,6 +78,9 @@ class _Watcher:
         import ray
 
         self.workers, self.need, self.timeout_s = workers, need, timeout_s
+        # A short limit still gets its notice before the run stops.
+        half = timeout_s / 2 if timeout_s > 0 else FIRST_NOTICE_S
+        self.first_notice_s = min(FIRST_NOTICE_S, half)
         self.job_hex = ray.get_runtime_context().get_job_id()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="worker-wait", daemon=True)
@@ -94,7 +97,7 @@ class _Watcher:
                 since, noticed = now, 0.0
                 continue
             waited = now - since
-            if waited >= FIRST_NOTICE_S and now - noticed >= NOTICE_EVERY_S:
+            if waited >= self.first_notice_s and now - noticed >= NOTICE_EVERY_S:
                 print(waiting_line(self.workers, self.need, waited, self.timeout_s), flush=True)
                 noticed = now
 
