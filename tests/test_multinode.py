@@ -26,8 +26,6 @@ import pytest
 
 from servers import MlflowServer, MotoS3, RayCluster
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ce-multinode"
 EXPERIMENT = "test-multinode"
@@ -171,6 +169,7 @@ def complete_checkpoints(s3: MotoS3, run_name: str) -> dict[str, set[str]]:
     return {d: names for d, names in files.items() if "checkpoint_manifest.json" in names}
 
 
+@pytest.mark.slow
 def test_job_runs_ranks_on_both_nodes_and_checkpoints_to_the_bucket(
     two_nodes, s3, shards, tmp_path
 ):
@@ -191,6 +190,7 @@ def test_job_runs_ranks_on_both_nodes_and_checkpoints_to_the_bucket(
     assert f"done: checkpoint s3://{BUCKET}/out/ray_results/two-nodes/checkpoint_" in out
 
 
+@pytest.mark.slow
 def test_worker_node_lost_and_replaced_resumes_and_logs_each_step_once(
     two_nodes, s3, shards, tmp_path
 ):
@@ -250,6 +250,7 @@ def test_worker_node_lost_and_replaced_resumes_and_logs_each_step_once(
     assert 0 <= redone < every + log_every
 
 
+@pytest.mark.slow
 def test_node_never_back_stops_with_a_clear_error_and_resumes_later(
     two_nodes, s3, shards, tmp_path
 ):
@@ -293,3 +294,63 @@ def test_node_never_back_stops_with_a_clear_error_and_resumes_later(
     assert run.info.status == "FINISHED"
     (resumed,) = c.get_metric_history(run.info.run_id, "resumed_from_step")
     assert resumed.value >= every and resumed.value % every == 0
+
+
+# ---- the pieces, without a cluster (fast tier) -------------------------------------------------
+
+
+def test_a_restarted_rank0_skips_the_steps_mlflow_already_holds(tmp_path):
+    """What a restart replays (steps after the checkpoint, logged before the failure) is not
+    logged again; system samples and the restart marker are not filtered."""
+    from pipeline.ray_train import _Fresh, _logged_steps
+    from pipeline.tracking import RunLogger, new_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = new_run(uri, "dedup", "r")
+    logger = RunLogger(uri, run_id)  # synchronous
+    for step in (2, 4, 6):
+        logger.metrics({"loss_rec": 0.5, "images_per_s": 10.0}, step=step)
+    logger.metrics({"val_rec_l2": 0.3}, step=4)
+    logger.metrics({"system/cpu_utilization_percentage": 50.0, "resumed_from_step": 4}, step=6)
+
+    logged = _logged_steps(logger)
+    assert logged == {"loss_rec": 6, "images_per_s": 6, "val_rec_l2": 4}
+    fresh = _Fresh(logged)
+    replayed = {"loss_rec": 0.5, "val_rec_l2": 0.3, "loss_g": 1.0}
+    assert fresh.only(replayed, step=4) == {"loss_g": 1.0}
+    assert fresh.only(replayed, step=6) == {"loss_g": 1.0, "val_rec_l2": 0.3}
+    assert fresh.only({"val_rec_l2": 0.3}, step=8) == {"val_rec_l2": 0.3}
+    assert _Fresh({}).only({"loss_rec": 0.5}, step=2) == {"loss_rec": 0.5}
+
+
+def test_an_unreachable_store_filters_nothing_and_says_so(tmp_path):
+    from pipeline.ray_train import _logged_steps
+    from pipeline.tracking import RunLogger
+    from servers import free_port
+
+    logger = RunLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, spool_dir=tmp_path / "spool")
+    try:
+        with pytest.warns(UserWarning, match="logged again"):
+            assert _logged_steps(logger) == {}
+    finally:
+        logger.close(timeout_s=0)
+
+
+def test_worker_wait_key_and_ray_trains_start_timeout():
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.worker_wait import is_start_timeout
+
+    assert load_config().run.worker_wait_timeout_s == 600
+    assert load_config(overrides=["run.worker_wait_timeout_s=0"]).run.worker_wait_timeout_s == 0
+    with pytest.raises(ConfigError, match="run.worker_wait_timeout_s must be >= 0"):
+        load_config(overrides=["run.worker_wait_timeout_s=-1"])
+    # The error Ray Train raises when a placement group waited past its start timeout.
+    assert is_start_timeout(ControllerError(WorkerGroupStartupTimeoutError(2)))
+    assert not is_start_timeout(ControllerError(WorkerGroupStartupFailedError("no")))
+    assert not is_start_timeout(RuntimeError("other"))
