@@ -176,8 +176,12 @@ class RayCluster:
             time.sleep(0.5)
 
     def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL the node's whole process group: raylet, object store, workers, agents."""
-        os.killpg(proc.pid, signal.SIGKILL)
+        """SIGKILL every process of the node at once, as a machine that dies: its session (the
+        node was started with setsid). Not only its process group: Ray puts each worker process
+        in a group of its own, and a worker that outlives its raylet trains on for seconds."""
+        for pid in _session_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -185,5 +189,22 @@ class RayCluster:
             with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node
                 proc.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # what SIGTERM left behind
+            for pid in _session_members(proc.pid):  # what SIGTERM left behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _session_members(sid: int) -> list[int]:
+    """PIDs of the live processes in session `sid` (field 6 of /proc/PID/stat)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+            pids.append(int(d.name))
+    return pids
