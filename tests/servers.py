@@ -132,8 +132,11 @@ class RayCluster:
         temp = self.temp_root / f"node{len(self.nodes)}"
         cmd = ["ray", "start", "--block", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
                f"--temp-dir={temp}", *ports, *args]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.temp_root.mkdir(parents=True, exist_ok=True)
+        with (self.temp_root / f"node{len(self.nodes)}.log").open("w") as out:
+            proc = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT)  # fmt: skip
+        proc.log = Path(out.name)  # type: ignore[attr-defined]
         self.nodes.append(proc)
         return proc
 
@@ -142,19 +145,24 @@ class RayCluster:
                             f"--dashboard-port={self.dashboard_port}"], num_cpus)  # fmt: skip
 
     def add_worker(self, num_cpus: int = 1, timeout_s: float = 180) -> str:
-        """Start a worker raylet; returns its node id once the cluster lists it alive."""
-        before = {n["node_id"] for n in self.alive_nodes()}
-        proc = self._start([f"--address={self.address}"], num_cpus)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            new = [n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before]
-            if new:
-                proc.node_id = new[0]  # type: ignore[attr-defined]
-                return new[0]
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker raylet exited with {proc.returncode}")
-            time.sleep(0.5)
-        raise TimeoutError(f"worker node did not join {self.address} within {timeout_s}s")
+        """Start a worker raylet; returns its node id once the cluster lists it alive. A start
+        that fails (a port taken between choosing and binding it: other Rays share this
+        machine) is tried once more with fresh ports."""
+        for attempt in (1, 2):
+            before = {n["node_id"] for n in self.alive_nodes()}
+            proc = self._start([f"--address={self.address}"], num_cpus)
+            deadline = time.time() + timeout_s
+            while time.time() < deadline and proc.poll() is None:
+                new = [n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before]
+                if new:
+                    return new[0]
+                time.sleep(0.5)
+            if proc.poll() is None:
+                raise TimeoutError(f"worker node did not join {self.address} in {timeout_s}s")
+            tail = proc.log.read_text()[-2000:]  # type: ignore[attr-defined]
+            if attempt == 2:
+                raise RuntimeError(f"worker raylet exited with {proc.returncode}:\n{tail}")
+        raise AssertionError("unreachable")
 
     def alive_nodes(self) -> list[dict]:
         """The dashboard's node list (`ray list nodes`): node_id, is_head_node, state, ..."""
