@@ -1,5 +1,5 @@
 """Two Ray nodes on this machine, as a cluster user has them: `ray start --head` and a worker
-raylet (`ray start --address`), 1 CPU each, each node its own process group; the job sent with
+raylet (`ray start --address`), 1 CPU each, each node its own session; the job sent with
 `ray job submit --working-dir` (so the worker node gets the code as a user's cluster does), its
 checkpoints in an S3 bucket every node reaches (`moto_server`), MLflow on an `mlflow server`.
 
