@@ -148,6 +148,10 @@ class RunConfig:
     # (config_change.<key>). Keys that never change what is trained are always allowed:
     # pipeline.identity.SAFE_TO_CHANGE.
     allow_config_change: bool = False
+    # While Ray Train cannot place its workers (a node lost and not replaced, a cluster too
+    # small) the driver prints what it waits for, and after this many seconds stops the run
+    # with an error (checkpoints kept, resumable). 0 = wait forever, as Ray Train itself does.
+    worker_wait_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> Config:
         ),
         (cfg.run.tracking_flush_timeout_s >= 0, "run.tracking_flush_timeout_s must be >= 0"),
         (cfg.run.system_metrics_every_s >= 0, "run.system_metrics_every_s must be >= 0"),
+        (cfg.run.worker_wait_timeout_s >= 0, "run.worker_wait_timeout_s must be >= 0"),
         (all(0 <= c <= 255 for c in cfg.mask.fill_rgb), "mask.fill_rgb values must be in 0..255"),
         (
             not is_uri(cfg.run.output_root) or scheme(cfg.run.output_root) in OUTPUT_SCHEMES,

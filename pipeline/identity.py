@@ -44,6 +44,7 @@ SAFE_TO_CHANGE: dict[str, str] = {
     "run.tracking_flush_timeout_s": "how long the end of a run waits for MLflow",
     "run.system_metrics_every_s": "system metrics sampling",
     "run.allow_config_change": "this switch itself",
+    "run.worker_wait_timeout_s": "how long the driver waits for workers that cannot be placed",
     "data.read_retries": "fault handling of shard reads",
     "data.retry_backoff_s": "fault handling of shard reads",
 }

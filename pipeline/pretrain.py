@@ -22,6 +22,7 @@ from pipeline.tracking import (
     tracked_run,
 )
 from pipeline.tracking.server import redact, run_url, tracking_source
+from pipeline.worker_wait import watch
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def derived_params(cfg: Config) -> dict[str, float]:
 
 def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
     """Preflight, start or join Ray, train, and close the MLflow run; raises on failure."""
-    from pipeline.ray_train import build_trainer, storage_path  # imports Ray Train
+    # imports Ray Train: only when training
+    from pipeline.ray_train import build_trainer, storage_path, worker_resources
 
     source = tracking_source(cfg.run)  # before resolve_paths writes the URI into the config
     cfg = resolve_paths(cfg)
@@ -85,8 +87,12 @@ def run_pretrain(cfg: Config, address: str = "") -> PretrainResult:
           f"{max(1, cfg.run.num_workers)} ranks), lr G {generator_lr(cfg.train, cfg.loss):g} / "
           f"D {cfg.train.lr_d:g} (not rescaled with the batch)", flush=True)  # fmt: skip
 
-    trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id)
-    with tracked_run(uri, run_id):
+    wait_s = cfg.run.worker_wait_timeout_s
+    trainer = build_trainer(cfg, run_name=name, tracking_uri=uri, mlflow_run_id=run_id,
+                            worker_wait_timeout_s=wait_s)  # fmt: skip
+    need = worker_resources(cfg)
+    with tracked_run(uri, run_id), watch(cfg.run.num_workers, need, wait_s,
+                                         resume_hint=f"run.run_name={name}"):  # fmt: skip
         result = trainer.fit()
     ckpt = result.checkpoint
     path = fs_uri(ckpt.filesystem, ckpt.path) if ckpt is not None else None  # s3://... in a bucket

@@ -56,6 +56,11 @@ def storage_path(output_root: str) -> str:
     return join(absolute(output_root), "ray_results")
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one Ray Train worker reserves."""
+    return {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+
+
 def build_trainer(
     cfg: Config,
     *,
@@ -64,14 +69,18 @@ def build_trainer(
     mlflow_run_id: str = "",
     callbacks: Sequence[Any] = (),
     extra_scores: Callable[[Trainer], dict[str, float]] | None = None,
+    worker_wait_timeout_s: float = 0.0,
 ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer running `cfg` as DDP over `cfg.run.num_workers` workers.
 
     `mlflow_run_id` (with `tracking_uri`): rank 0 logs metrics, sample grids and the final
     encoder there. `extra_scores(trainer)` runs on rank 0 at each checkpoint and its values join
-    the reported metrics (Tune uses it for a cheap probe score).
+    the reported metrics (Tune uses it for a cheap probe score). `worker_wait_timeout_s` > 0:
+    the run ends once its workers could not be placed for that long (with
+    `pipeline.worker_wait.watch` around `fit`); 0 keeps Ray Train's retry-forever, which Tune
+    trials need (they queue for CPUs while other trials run).
     """
-    resources = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    resources = worker_resources(cfg)
     _set_aside_unreadable_snapshot(storage_path(cfg.run.output_root), run_name)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -89,7 +98,11 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path(cfg.run.output_root),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.run.max_failures,
+                # a start that timed out is a controller failure: 0 = end the run on the first
+                controller_failure_limit=0 if worker_wait_timeout_s > 0 else -1,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LOG_LEVEL),
@@ -132,6 +145,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             logger.metrics({"resumed_from_step": resumed_from}, step=resumed_from)
     if rank == 0:
         _log_resolved(trainer, logger)
+    _report_nodes(rank, world, logger)
+    # After a restart, rank 0 replays the steps between the checkpoint and the failure with
+    # bit-identical values (exact resume); MLflow already holds those, so they are not re-sent.
+    fresh = _Fresh(_logged_steps(logger) if resumed_from is not None else {})
     val = _held_out_batches(cfg) if rank == 0 else []
     progress = ProgressLog(cfg.train.max_steps, trainer.step, world, cfg.data.batch_size)
     if rank == 0:
@@ -160,10 +177,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             emit(progress.line(metrics))
         system = gather_node_metrics(sampler, f"node{ctx.get_node_rank()}") if nodes else {}
         if logger is not None:
-            logger.metrics(_numeric(metrics) | system, step=int(metrics["step"]))
+            step = int(metrics["step"])
+            if new := fresh.only(_numeric(metrics) | system, step):
+                logger.metrics(new, step=step)
 
     def on_checkpoint(t: Trainer) -> None:
-        scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"))
+        scores = _checkpoint_scores(t, val, logger, loop_config.get("extra_scores"), fresh)
         if rank == 0:
             emit(checkpoint_line(t.step, scores))
         _report(t, rank, scores, _upload_policy(cfg))
@@ -214,6 +233,57 @@ def _log_resolved(trainer: Trainer, logger: RunLogger | None) -> None:
     if logger is not None:
         for key, value in r.as_tags().items():
             logger.tag(key, value)
+
+
+def _report_nodes(rank: int, world: int, logger: RunLogger | None) -> None:
+    """Which Ray node each rank runs on: every rank says so in its startup line, and rank 0
+    tags the run `ce.rank_nodes` (node ids in rank order; rewritten at each restart)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    ip = ray.util.get_node_ip_address()
+    emit(f"[pretrain] rank {rank}/{world} on node {node[:12]} ({ip})")
+    nodes = [node]
+    if world > 1:
+        nodes = [""] * world
+        torch.distributed.all_gather_object(nodes, node)
+    if logger is not None:
+        logger.tag("ce.rank_nodes", ",".join(nodes))
+
+
+class _Fresh:
+    """Drops (key, step) pairs MLflow already holds: `logged` maps a metric key to the highest
+    step logged for it before a restart."""
+
+    def __init__(self, logged: dict[str, int]) -> None:
+        self.logged = logged
+
+    def only(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+
+
+# Not deduplicated: system/* are samples of the machine taken every few seconds, labelled with
+# the current step (new values at an old step), and the marker says each restart happened.
+UNDEDUPLICATED = ("system/", "resumed_from_step")
+
+
+def _logged_steps(logger: RunLogger | None) -> dict[str, int]:
+    """The highest step of each training metric the run holds (rank 0, at a restart). Entries
+    still in a tracking spool from an outage are not seen here; if MLflow cannot be asked,
+    nothing is filtered (a replayed step then appears twice, with identical values)."""
+    if logger is None:
+        return {}
+    from pipeline.tracking import client
+
+    try:
+        c = client(logger.uri)
+        keys = [k for k in c.get_run(logger.run_id).data.metrics
+                if not k.startswith(UNDEDUPLICATED)]  # fmt: skip
+        return {k: max(m.step for m in c.get_metric_history(logger.run_id, k)) for k in keys}
+    except Exception as e:  # noqa: BLE001 - tracking must never fail a training run
+        warnings.warn(f"could not read the run's logged steps ({type(e).__name__}: {e}); steps "
+                      "replayed since the checkpoint are logged again", stacklevel=1)  # fmt: skip
+        return {}
 
 
 def _steps_per_rank(step: int, world: int) -> list[int]:
@@ -314,16 +384,19 @@ def _checkpoint_scores(
     val: list[dict],
     logger: RunLogger | None,
     extra_scores: Callable[[Trainer], dict[str, float]] | None,
+    fresh: _Fresh,
 ) -> dict[str, float]:
-    """Rank 0's scores at a checkpoint (validation, optional extra), also logged to MLflow."""
+    """Rank 0's scores at a checkpoint (validation, optional extra), also logged to MLflow
+    (what a run that was restarted had logged at this step already is not logged again)."""
     scores: dict[str, float] = {}
     if val:
         scores |= t.evaluate(val)
     if extra_scores is not None and (val or logger is not None):
         scores |= extra_scores(t)
-    if logger is not None:
-        if scores:
-            logger.metrics(scores, step=t.step)
+    new = fresh.only(scores, t.step)
+    if logger is not None and (new or not scores):
+        if new:
+            logger.metrics(new, step=t.step)
         if val and t.step % t.cfg.train.sample_every < t.cfg.train.checkpoint_every:
             grid = _sample_grid(t, val[0])
             logger.png(grid, f"samples/step_{t.step:07d}.png")
