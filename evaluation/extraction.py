@@ -22,6 +22,26 @@ from pipeline.progress import tracked
 log = logging.getLogger(__name__)
 
 
+def shards_digest(urls: str) -> str:
+    """sha256 of the expanded shard URLs, the manifest.json beside them (the shard writer's
+    names, counts and byte sizes) and, for local shards, each file's size and mtime: a shard set
+    rewritten in place gets a new digest even without a manifest. Remote shards without a
+    manifest are known by their URLs alone."""
+    from pipeline.data import expand_urls
+    from pipeline.data.manifest import MANIFEST
+    from pipeline.data.open import is_local, local_path, read_beside
+
+    expanded = expand_urls(urls)
+    h = hashlib.sha256("\n".join(expanded).encode())
+    for folder in sorted({u.rsplit("/", 1)[0] if "/" in u else "." for u in expanded}):
+        h.update(read_beside(f"{folder}/x", MANIFEST) or b"no manifest")
+    for url in expanded:
+        if is_local(url):
+            st = Path(local_path(url)).stat()
+            h.update(f"{url}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """Which images to read and how: the split's shards and the eval transform."""
@@ -36,8 +56,9 @@ class SplitSpec:
     resize: int = 0
 
     def split_key(self) -> str:
-        # The shard list is part of the key: other shards under the same split name never hit.
-        return f"{self.name}-{hashlib.sha256(self.urls.encode()).hexdigest()[:10]}"
+        # The shard list and what is in the shards are part of the key: other shards under the
+        # same split name never hit, nor shards rewritten at the same paths (`shards_digest`).
+        return f"{self.name}-{shards_digest(self.urls)[:10]}"
 
     def transform_key(self) -> str:
         resize = f"-resize{self.resize}" if self.resize not in (0, self.image_size) else ""

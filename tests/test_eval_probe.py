@@ -155,8 +155,8 @@ def test_ties_go_to_the_smaller_c_and_edges_are_logged(caplog):
     assert best_c({1.0: 0.6, 0.1: 0.5}) == 1.0
     x, y = blobs(30, 3, 6, 1.0, seed=0)
     with caplog.at_level(logging.WARNING, logger="evaluation.probe"):
-        select_c(x, y, ProbeSettings(c_grid=(0.01, 0.1)))
-    assert "edge of the grid" in caplog.text
+        sweep = select_c(x, y, ProbeSettings(c_grid=(0.01, 0.1), extend_steps=0))
+    assert "edge of the grid" in caplog.text and sweep.at_edge
 
 
 def test_scale_c_keeps_the_per_sample_objective():
