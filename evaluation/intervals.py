@@ -73,19 +73,18 @@ def _sd(per_seed: np.ndarray) -> float:
     return float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
 
 
-def bootstrap_gap(
+def bootstrap_replicates(
     a: np.ndarray,
     b: np.ndarray | None = None,
     *,
     n_boot: int = 2000,
     seed: int = 0,
-    conf: float = 0.95,
     block: int = 250,
-) -> Estimate:
-    """mean_seeds(acc(a)) - mean_seeds(acc(b)) with a percentile bootstrap interval.
+) -> np.ndarray:
+    """(n_boot,) bootstrap replicates of mean_seeds(acc(a)) - mean_seeds(acc(b)).
 
     `a`, `b`: (seeds, images) 0/1 correctness on the same test images, in the same image order
-    (b None: the interval of a's own mean). Each replicate draws image weights (a multinomial
+    (b None: replicates of a's own mean). Each replicate draws image weights (a multinomial
     resample of the images, shared by both sides) and, on a side with several seeds, a resample
     of its seeds."""
     ma = _as_matrix(a, "a")
@@ -97,22 +96,42 @@ def bootstrap_gap(
     reps = []
     for start in range(0, n_boot, block):
         m = min(block, n_boot - start)
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=m).T / n  # (images, m) weights
+        w = _image_weights(rng, n, m)
         reps.append(_side(ma, w, rng) - (_side(mb, w, rng) if mb is not None else 0.0))
-    dist = np.concatenate(reps)
-    acc_a = ma.mean(axis=1)
-    acc_b = mb.mean(axis=1) if mb is not None else np.zeros(1)
+    return np.concatenate(reps)
+
+
+def bootstrap_gap(
+    a: np.ndarray,
+    b: np.ndarray | None = None,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    conf: float = 0.95,
+) -> Estimate:
+    """mean_seeds(acc(a)) - mean_seeds(acc(b)) with a percentile interval of
+    `bootstrap_replicates`; b None: a's own mean and its interval."""
+    dist = bootstrap_replicates(a, b, n_boot=n_boot, seed=seed)
+    acc_a = _as_matrix(a, "a").mean(axis=1)
+    acc_b = _as_matrix(b, "b").mean(axis=1) if b is not None else np.zeros(0)
     alpha = (1 - conf) / 2
     low, high = np.quantile(dist, [alpha, 1 - alpha])
     return Estimate(
-        value=float(acc_a.mean() - (acc_b.mean() if mb is not None else 0.0)),
+        value=float(acc_a.mean() - (acc_b.mean() if len(acc_b) else 0.0)),
         low=float(low),
         high=float(high),
         sd_a=_sd(acc_a),
-        sd_b=_sd(acc_b) if mb is not None else 0.0,
+        sd_b=_sd(acc_b),
         n_seeds_a=len(acc_a),
-        n_seeds_b=len(acc_b) if mb is not None else 0,
+        n_seeds_b=len(acc_b),
     )
+
+
+def _image_weights(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    """(n, m): column j counts how often each image was drawn in resample j, over n.
+    (A bincount of drawn indices: rng.multinomial over n categories is ~100x slower.)"""
+    idx = rng.integers(0, n, size=(m, n)) + (np.arange(m) * n)[:, None]
+    return np.bincount(idx.ravel(), minlength=m * n).reshape(m, n).T / n
 
 
 def _side(m: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
