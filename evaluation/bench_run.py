@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.bench_config import BenchmarkConfig
 from evaluation.bench_report import (
     ingest_finetune,
     label_efficiency_plot,
@@ -27,7 +28,7 @@ from evaluation.bench_report import (
     results_csv,
     summary_markdown,
 )
-from evaluation.benchmark import BenchmarkConfig, correctness_of, load_encoders, run_encoder
+from evaluation.benchmark import correctness_of, load_encoders, run_encoder
 from evaluation.selection import gaps, headline_estimates
 from pipeline.storage import default_sqlite_uri, local_root
 from pipeline.tracking import RunLogger, check_tracking, client, new_run, tracked_run
@@ -121,6 +122,25 @@ def machine_line(wall_s: float, computed: int, total: int) -> str:
     return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"load avg {load:.1f} at the end; this invocation {wall_s / 60:.1f} min wall, "
             f"{computed} of {total} units computed (the rest resumed).")  # fmt: skip
+
+
+def run_part(cfg: BenchmarkConfig, part: int, parts: int) -> int:
+    """Compute (or resume) the units of every `parts`-th encoder from index `part` (the given
+    encoders, then the baselines), nothing else: no MLflow, no tables. Parts run side by side
+    on one output root (units are per encoder); a whole run afterwards finds every unit done
+    and writes the tables and the MLflow runs. Returns the units now done for this part."""
+    if not 0 <= part < parts:
+        raise ValueError(f"--part must be i/n with 0 <= i < n, got {part}/{parts}")
+    root = local_root(cfg.output_root)
+    units_dir = root / "benchmark" / cfg.name / "units"
+    done = 0
+    uri = cfg.tracking_uri or default_sqlite_uri(cfg.output_root, "tracking_uri")
+    for i, item in enumerate(load_encoders(cfg, root / "feature_cache" / "downloads", uri)):
+        if i % parts == part:
+            done += len(
+                {r["unit"] for r in run_encoder(cfg, item, units_dir, root / "feature_cache")}
+            )
+    return done
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> BenchmarkResult:

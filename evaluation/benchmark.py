@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from evaluation import cache
+from evaluation.bench_config import PROTOCOLS, BenchmarkConfig, EncoderSpec
 from evaluation.cache import CacheKey, Features
 from evaluation.extraction import SplitSpec, extract_local
 from evaluation.features import (
@@ -41,97 +42,11 @@ from evaluation.features import (
     random_init_encoder,
     raw_pixels_encoder,
 )
-from evaluation.probe import ProbeSettings
-from evaluation.selection import CONTEXT, PIXELS, RANDOM
+from evaluation.selection import PIXELS, RANDOM
 from evaluation.units import UnitKey, load_unit, run_unit, save_unit
 from pipeline.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
-
-# Protocol -> pooled values per layer. `gap`: the probe job's pooling, each map average-pooled
-# to the largest p x p grid with C*p*p <= 4096 (global for C >= 1024). `spatial`: the
-# literature's (Zhang et al. 2016, 2017: each conv map average-pooled to about 9,000 values);
-# 9216 = 96^2 is that budget, e.g. a 64-channel map -> 12 x 12 (9,216), 128 -> 8 x 8 (8,192).
-PROTOCOLS: dict[str, int] = {"gap": 4096, "spatial": 9216}
-BASELINE_NAMES = (RANDOM, PIXELS)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One encoder to benchmark: a variant name (shared by its seeds), where its weights are,
-    its kind and seed (rows of the same name and kind with different seeds are averaged)."""
-
-    name: str
-    uri: str
-    kind: str = CONTEXT
-    seed: int = 0
-
-
-def parse_encoder(text: str) -> EncoderSpec:
-    """NAME=URI[,kind=KIND][,seed=N] -> EncoderSpec; ValueError naming what is wrong."""
-    head, *opts = text.split(",")
-    name, sep, uri = head.partition("=")
-    if not sep or not name or not uri:
-        raise ValueError(f"--encoder {text!r}: expected NAME=PATH_OR_URI[,kind=K][,seed=N]")
-    extra: dict[str, str] = {}
-    for opt in opts:
-        k, sep, v = opt.partition("=")
-        if not sep or k not in ("kind", "seed") or not v:
-            raise ValueError(f"--encoder {text!r}: unknown option {opt!r} (kind=..., seed=N)")
-        extra[k] = v
-    try:
-        seed = int(extra.get("seed", 0))
-    except ValueError as err:
-        raise ValueError(f"--encoder {text!r}: seed must be an integer") from err
-    return EncoderSpec(name, uri, extra.get("kind", CONTEXT), seed)
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """One benchmark. A rerun with the same output_root and name resumes it."""
-
-    encoders: tuple[EncoderSpec, ...]
-    train_shards: str
-    test_shards: str
-    name: str = "cifar10"  # <output_root>/benchmark/<name>/, and the results files' prefix
-    image_size: int = 32
-    layers: tuple[str, ...] = ()  # () = every layer of the encoder
-    protocols: tuple[str, ...] = ("gap", "spatial")
-    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    subset_seed: int = 0  # the stratified label subsets (the same for every encoder)
-    random_init_seeds: int = 3  # as many as the headline variant's pretraining seeds
-    raw_pixels: bool = True
-    probe: ProbeSettings = field(default_factory=lambda: BENCHMARK_PROBE)
-    batch_size: int = 256
-    n_boot: int = 2000  # bootstrap resamples for the headline and gap intervals
-    output_root: str = "outputs"
-    tracking_uri: str = ""  # '' = sqlite:///<output_root>/mlflow.db
-    experiment: str = "context-encoder-benchmark"
-    results_dir: str = ""  # also write <name>.csv, summary and plot here (benchmarks/results)
-    finetune_results: str = ""  # a table of fine-tune results to add (evaluation.bench_report)
-
-    def __post_init__(self) -> None:
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
-        if unknown or not self.protocols:
-            raise ValueError(f"protocols must be among {list(PROTOCOLS)}, got {self.protocols}")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"label fractions must be in (0, 1], got {self.fractions}")
-        ids = [(e.name, e.seed) for e in self.encoders]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"encoder (name, seed) pairs must be unique, got {ids}")
-        if clash := sorted({e.name for e in self.encoders} & set(BASELINE_NAMES)):
-            raise ValueError(f"encoder name(s) {clash} are reserved for the baselines")
-        if self.random_init_seeds < 0:
-            raise ValueError("random_init_seeds must be >= 0")
-
-
-# The benchmark's probe: the grid stated at 45,000 sweep rows (CIFAR-10's full carve) and scaled
-# to each label subset's rows; 5-fold cross-validation below 2,000 rows (the 1 % subset: 500
-# images, where a 10 % carve would leave 50 validation images); half-decade extension at an
-# edge. The grid is centred on the last CIFAR-10 choices (all 3e-3, the old grid's top).
-BENCHMARK_PROBE = ProbeSettings(
-    c_grid=(0.001, 0.003, 0.01), grid_rows=45_000, cv_below=2000, extend_steps=3
-)
 
 
 @dataclass

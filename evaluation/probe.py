@@ -259,15 +259,15 @@ def search_c(
     on is the caller's validation data."""
     scores = {c: score(c) for c in sorted(set(grid))}
     for _ in range(extend_steps):
-        step = _edge_step(scores)
+        step = edge_step(scores)
         if step is None:
             break
         nxt = best_c(scores) * step
         scores[nxt] = score(nxt)
-    return best_c(scores), scores, _edge_step(scores) is not None
+    return best_c(scores), scores, edge_step(scores) is not None
 
 
-def _edge_step(scores: dict[float, float]) -> float | None:
+def edge_step(scores: dict[float, float]) -> float | None:
     """x sqrt(10) when the best C is the largest, / sqrt(10) when it is the smallest and beats
     the next one, else None (the optimum is inside the grid, or the grid has one C)."""
     cs = sorted(scores)

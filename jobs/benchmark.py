@@ -18,24 +18,21 @@ import argparse
 import dataclasses
 import json
 import logging
-from pathlib import Path
 
 import yaml
 
-from evaluation.benchmark import BENCHMARK_PROBE, PROTOCOLS, BenchmarkConfig, parse_encoder
+from evaluation.bench_config import (
+    BENCHMARK_PROBE,
+    PROTOCOLS,
+    BenchmarkConfig,
+    check_inputs,
+    config_from_flags,
+    parse_part,
+)
 from jobs._cli import Work, prog_name, run_cli, run_main
 
 PROG = ("ce-benchmark", "jobs.benchmark")
-URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://")
 D, P = BenchmarkConfig, BENCHMARK_PROBE
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,60 +63,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--experiment", default=D.experiment)
     add("--results-dir", default=D.results_dir, help="also write <name>.csv, summary, plot here")
     add("--finetune-results", default="", help="CSV/Parquet of fine-tune rows to add")
+    add("--part", default="", help="i/n: only units of every n-th encoder from i (no MLflow, "
+        "no tables); run parts side by side, then once without --part")  # fmt: skip
     add("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
 
-def config_from(a: argparse.Namespace) -> BenchmarkConfig:
-    probe = dataclasses.replace(
-        P, c_grid=_floats(a.c_grid), grid_rows=a.grid_rows, extend_steps=a.extend_steps,
-        cv_below=a.cv_below, max_iter=a.max_iter, tol=a.tol, blas_threads=a.blas_threads,
-        refit=not a.no_refit,
-    )  # fmt: skip
-    if not probe.c_grid or min(probe.c_grid) <= 0:
-        raise ValueError(f"--c-grid must be positive numbers, got {a.c_grid!r}")
-    return BenchmarkConfig(
-        encoders=tuple(parse_encoder(e) for e in a.encoder), train_shards=a.train_shards,
-        test_shards=a.test_shards, name=a.name, image_size=a.image_size, layers=_words(a.layers),
-        protocols=_words(a.protocols), fractions=_floats(a.fractions),
-        random_init_seeds=a.random_init_seeds, raw_pixels=not a.no_raw_pixels, probe=probe,
-        batch_size=a.batch_size, n_boot=a.n_boot, output_root=a.output_root,
-        tracking_uri=a.tracking_uri, experiment=a.experiment, results_dir=a.results_dir,
-        finetune_results=a.finetune_results,
-    )  # fmt: skip
-
-
-def check_inputs(cfg: BenchmarkConfig) -> None:
-    """The shards and local files named exist (MLflow URIs are checked at load)."""
-    from pipeline.data import expand_urls
-
-    for flag, urls in (("--train-shards", cfg.train_shards), ("--test-shards", cfg.test_shards)):
-        try:
-            expand_urls(urls)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{flag}: {err}") from err
-    for e in cfg.encoders:
-        if not e.uri.startswith(URI_SCHEMES) and not Path(e.uri).expanduser().exists():
-            raise FileNotFoundError(f"--encoder {e.name}={e.uri}: no such checkpoint file")
-    if cfg.finetune_results and not Path(cfg.finetune_results).is_file():
-        raise FileNotFoundError(f"--finetune-results {cfg.finetune_results}: no such file")
-
-
 def prepare(argv: list[str] | None = None) -> Work | None:
     args = parse_args(argv)
-    cfg = config_from(args)
+    cfg = config_from_flags(vars(args))
     if args.print_config:
         plain = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists for YAML
         print(yaml.safe_dump(plain, sort_keys=False), end="", flush=True)
         return None
     check_inputs(cfg)
-    return lambda: benchmark(cfg)
+    part = parse_part(args.part)
+    return lambda: benchmark(cfg, part)
 
 
-def benchmark(cfg: BenchmarkConfig) -> str:
-    from evaluation.bench_run import run_benchmark
+def benchmark(cfg: BenchmarkConfig, part: tuple[int, int] | None = None) -> str | None:
+    from evaluation.bench_run import run_benchmark, run_part
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if part is not None:
+        print(f"part {part[0]}/{part[1]}: {run_part(cfg, *part)} units done", flush=True)
+        return None
     res = run_benchmark(cfg)
     print(res.summary(), flush=True)
     return res.run_id

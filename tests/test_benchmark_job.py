@@ -45,7 +45,8 @@ def run(setup, *extra: str) -> str:
         *encoders, "--train-shards", train, "--test-shards", test, "--output-root",
         str(root / "out"), "--layers", "conv1,conv3", "--fractions", "0.3,1",
         "--random-init-seeds", "2", "--results-dir", str(root / "results"), "--n-boot", "300",
-        "--c-grid", "0.01,0.1", "--grid-rows", "0", "--max-iter", "200", *extra,
+        "--c-grid", "0.01,0.1", "--grid-rows", "0", "--max-iter", "200", "--blas-threads", "1",
+        *extra,
     ])  # fmt: skip
 
 
