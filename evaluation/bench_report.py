@@ -109,7 +109,8 @@ def summary_markdown(
                 f"| {g.b_layer}: {_pct(g.b_test_top1)} | {g.gap:+.1f} "
                 f"| [{g.gap_ci_low:+.1f}, {g.gap_ci_high:+.1f}] | {hit} |"
             )
-    edge = table[table.get("C_at_edge", pd.Series(False, index=table.index)).astype(bool)]
+    at_edge = table.get("C_at_edge", pd.Series(False, index=table.index))
+    edge = table[at_edge.fillna(False).astype(bool)]  # ingested rows have no C: NaN
     if not edge.empty:
         lines += ["", f"C still at the grid's edge after the extension in {len(edge)} of "
                   f"{len(table)} rows (marked `C_at_edge` in the CSV)."]  # fmt: skip
@@ -123,7 +124,7 @@ def label_efficiency_plot(table: pd.DataFrame, path: Path) -> Path:
     from evaluation.report import _pyplot
 
     plt = _pyplot()
-    chosen = table[table["chosen_on_val"]]
+    chosen = table[table["chosen_on_val"] & table["n_train"].notna()]  # probes (with counts)
     protocols = list(dict.fromkeys(chosen["protocol"]))
     fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 4), squeeze=False)
     for ax, protocol in zip(axes[0], protocols, strict=True):

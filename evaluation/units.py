@@ -67,7 +67,8 @@ def run_unit(
     score on test: (record, per-image 0/1 correctness on test)."""
     idx = label_subset(train.labels, key.fraction, subset_seed)
     t0 = time.perf_counter()
-    fit = fit_probe(train.x[idx], train.labels[idx], settings)
+    whole = len(idx) == len(train.x)  # no fancy-indexed copy of a 1-2 GB matrix
+    fit = fit_probe(train.x if whole else train.x[idx], train.labels[idx], settings)
     fit_s = time.perf_counter() - t0
     correct = fit.model.predict(test.x) == test.labels
     k, n = int(correct.sum()), len(correct)

@@ -46,7 +46,7 @@ def run(setup, *extra: str) -> str:
         str(root / "out"), "--layers", "conv1,conv3", "--fractions", "0.3,1",
         "--random-init-seeds", "2", "--results-dir", str(root / "results"), "--n-boot", "300",
         "--c-grid", "0.01,0.1", "--grid-rows", "0", "--max-iter", "200", "--blas-threads", "1",
-        *extra,
+        "--cv-below", "60", *extra,
     ])  # fmt: skip
 
 
@@ -61,6 +61,9 @@ def test_benchmark_end_to_end_and_resume(setup):
     assert set(csv.protocol) == {"gap", "spatial"} and set(csv.label_fraction) == {0.3, 1.0}
     assert ((csv.test_ci_low <= csv.test_top1) & (csv.test_top1 <= csv.test_ci_high)).all()
     assert csv.val_top1.between(0, 100).all() and csv.test_top1.between(0, 100).all()
+    # 30 % (36 images) is cross-validated, 100 % (120) uses the 10 % carve (12 images).
+    assert set(csv[csv.label_fraction == 0.3].val_method) == {"cv5"}
+    assert set(csv[csv.label_fraction == 1].n_val) == {12}
     # conv1 differs between protocols; conv3 is pooled alike, so both protocols share its unit.
     table = pd.read_parquet(root / "out" / "benchmark" / "cifar10" / "table.parquet")
     dims = table.groupby(["protocol", "layer"]).feature_dim.first()
