@@ -185,7 +185,7 @@ def test_console_scripts_point_at_cli_functions():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"ce-make-shards", "ce-pretrain", "ce-tune", "ce-probe",
-                            "ce-end-to-end"}  # fmt: skip
+                            "ce-benchmark", "ce-end-to-end"}  # fmt: skip
     for name, target in scripts.items():
         module, func = target.split(":")
         job = sys.modules.get(module) or __import__(module, fromlist=[func])
