@@ -117,11 +117,23 @@ def config_params(cfg: BenchmarkConfig) -> dict[str, object]:
     return flat
 
 
-def machine_line(wall_s: float, computed: int, total: int) -> str:
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(wall_s: float, computed: int, total: int, fit_s: float) -> str:
+    """The machine, its load, and what this invocation and all units cost."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"load avg {load:.1f} at the end; this invocation {wall_s / 60:.1f} min wall, "
-            f"{computed} of {total} units computed (the rest resumed).")  # fmt: skip
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, load avg {load:.1f} at the end. "
+            f"Probe fits of all {total} units: {fit_s / 60:.1f} min in all (wall, summed over "
+            f"units and parts); this invocation: {wall_s / 60:.1f} min wall, {computed} units "
+            f"computed, the rest resumed.")  # fmt: skip
 
 
 def run_part(cfg: BenchmarkConfig, part: int, parts: int) -> int:
@@ -166,10 +178,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> BenchmarkResult:
                 logger.metrics(child_metrics(got), step=0)
             rows += got
         table = pd.DataFrame(rows)
-        n_units = len(set(table["unit"]))
+        units = table.drop_duplicates("unit")
+        n_units, fit_s = len(units), float(units["fit_seconds"].sum())
         if cfg.finetune_results:
             table = pd.concat([table, ingest_finetune(cfg.finetune_results)], ignore_index=True)
-        note = machine_line(time.perf_counter() - t0, _count(units_dir) - before, n_units)
+        note = machine_line(time.perf_counter() - t0, _count(units_dir) - before, n_units, fit_s)
         result = _finish(cfg, mark_choices(table), out, uri, parent, note)
         logger = RunLogger(uri, parent)
         logger.metrics(parent_metrics(result.headline, result.gap), step=0)

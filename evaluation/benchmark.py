@@ -192,7 +192,7 @@ def _compute(
 
 ROW_FIELDS = ("val_top1", "test_top1", "test_ci_low", "test_ci_high", "test_n", "C", "C_final",
               "C_at_edge", "converged", "feature_dim", "n_train", "n_val",
-              "val_method")  # fmt: skip
+              "val_method", "fit_seconds")  # fmt: skip
 
 
 def row(spec: EncoderSpec, protocol: str, record: dict) -> dict:

@@ -50,6 +50,7 @@ def run(setup, *extra: str) -> str:
     ])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(setup):
     root = setup[0]
     run_id = run(setup)
@@ -77,7 +78,7 @@ def test_benchmark_end_to_end_and_resume(setup):
         assert rows[["encoder", "layer"]].drop_duplicates().shape[0] == 1
         assert len(rows) == {"context_encoder": 2, "random_init": 2, "raw_pixels": 1}[kind]
     summary = (root / "results" / "cifar10_summary.md").read_text()
-    assert "| gap | 100%" in summary and "95 % CI" in summary
+    assert "| gap | 100%" in summary and "95 % CI" in summary and "26 units" in summary
     assert (root / "results" / "cifar10_label_efficiency.png").stat().st_size > 1000
 
     uri = f"sqlite:///{root / 'out' / 'mlflow.db'}"
@@ -101,6 +102,7 @@ def test_benchmark_end_to_end_and_resume(setup):
     assert len(client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'")) == 5
 
 
+@pytest.mark.slow
 def test_finetune_rows_are_ingested(setup, tmp_path):
     root = setup[0]
     test_n = 50
