@@ -68,6 +68,10 @@ class BenchmarkConfig:
     raw_pixels: bool = True
     probe: ProbeSettings = field(default_factory=lambda: BENCHMARK_PROBE)
     batch_size: int = 256
+    # Feature values per row one extraction pass holds (all poolings and layers of the pass):
+    # 16,384 is ~3.3 GB at CIFAR-10's 50,000 train rows, two passes for a width-64 DCGAN's four
+    # layers under both protocols; 32,768 makes it one pass (~6 GB, + ~2 GB while sorting).
+    extract_dims: int = 16384
     n_boot: int = 2000  # bootstrap resamples for the headline and gap intervals
     output_root: str = "outputs"
     tracking_uri: str = ""  # '' = sqlite:///<output_root>/mlflow.db
@@ -117,8 +121,8 @@ def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     if not probe.c_grid or min(probe.c_grid) <= 0:
         raise ValueError(f"--c-grid must be positive numbers, got {a['c_grid']!r}")
     same = ("train_shards", "test_shards", "name", "image_size", "random_init_seeds",
-            "batch_size", "n_boot", "output_root", "tracking_uri", "experiment", "results_dir",
-            "finetune_results")  # fmt: skip
+            "batch_size", "extract_dims", "n_boot", "output_root", "tracking_uri", "experiment",
+            "results_dir", "finetune_results")  # fmt: skip
     return BenchmarkConfig(
         encoders=tuple(parse_encoder(e) for e in a["encoder"]), layers=_words(a["layers"]),
         protocols=_words(a["protocols"]), fractions=_floats(a["fractions"]),

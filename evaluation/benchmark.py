@@ -18,6 +18,7 @@ and written with the tables and plots by `evaluation.bench_report`; MLflow loggi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ import torch
 from evaluation import cache
 from evaluation.bench_config import PROTOCOLS, BenchmarkConfig, EncoderSpec
 from evaluation.cache import CacheKey, Features
-from evaluation.extraction import SplitSpec, extract_local
+from evaluation.extraction import SplitSpec, extract_pooled
 from evaluation.features import (
     Encoder,
     check_image_size,
@@ -102,32 +103,71 @@ def pooled(shape: tuple, max_dim: int) -> int:
     return pooled_side(shape[0], min(shape[1], shape[2]), max_dim)
 
 
-def _split(cfg: BenchmarkConfig, item: Loaded, split: str, max_dim: int) -> SplitSpec:
+def feature_dim(shape: tuple, max_dim: int) -> int:
+    p = pooled(shape, max_dim)
+    return shape[0] * p * p if len(shape) == 3 else int(np.prod(shape))
+
+
+def _split(cfg: BenchmarkConfig, item: Loaded, split: str) -> SplitSpec:
     urls = cfg.train_shards if split == "train" else cfg.test_shards
-    return SplitSpec(split, urls, cfg.image_size, cfg.batch_size, max_dim, item.resize)
+    return SplitSpec(split, urls, cfg.image_size, cfg.batch_size, resize=item.resize)
 
 
-def layer_features(
-    item: Loaded, layers: list[str], spec: SplitSpec, cache_dir: Path
-) -> Iterator[tuple[str, Features]]:
-    """(layer, features) one layer at a time: the layers missing from the cache are extracted
-    together in one pass and written; then each is read back alone (one layer in memory)."""
-    enc = item.encoder
-    path = {
-        layer: CacheKey(enc.weights, spec.split_key(), spec.transform_key(), layer).path(cache_dir)
-        for layer in layers
+def _cache_path(item: Loaded, spec: SplitSpec, max_dim: int, layer: str, cache_dir: Path) -> Path:
+    spec = dataclasses.replace(spec, max_dim=max_dim)
+    key = CacheKey(item.encoder.weights, spec.split_key(), spec.transform_key(), layer)
+    return key.path(cache_dir)
+
+
+def ensure_cached(
+    item: Loaded,
+    plan: dict[int, list[str]],
+    spec: SplitSpec,
+    cache_dir: Path,
+    dims: dict[tuple[int, str], int],
+    budget: int,
+) -> None:
+    """Every (pooling, layer) of `plan` in the feature cache: the missing ones extracted in as
+    few passes over the split as `budget` (feature values held per row) allows, every pooling
+    of a pass from the same encoder forward, and written."""
+    missing = {
+        d: [lay for lay in lays if not _cache_path(item, spec, d, lay, cache_dir).is_file()]
+        for d, lays in plan.items()
     }
-    missing = [layer for layer in layers if not path[layer].is_file()]
-    if missing:
-        log.info("extracting %s %s layers %s (pool %d)", enc.name, spec.name, missing, spec.max_dim)
-        for layer, feats in extract_local(enc, missing, spec).items():
-            cache.save(feats, path[layer])
-    for layer in layers:
-        feats = cache.load(path[layer])
-        if feats is None:  # damaged: extract this layer again
-            feats = extract_local(enc, [layer], spec)[layer]
-            cache.save(feats, path[layer])
-        yield layer, feats
+    for group in pack([(d, lay) for d, lays in missing.items() for lay in lays], dims, budget):
+        wanted: dict[int, list[str]] = {}
+        for d, lay in group:
+            wanted.setdefault(d, []).append(lay)
+        log.info("extracting %s %s: %s", item.encoder.name, spec.name, wanted)
+        for d, feats in extract_pooled(item.encoder, wanted, spec).items():
+            for layer, f in feats.items():
+                cache.save(f, _cache_path(item, spec, d, layer, cache_dir))
+
+
+def pack(pairs: list[tuple[int, str]], dims: dict[tuple[int, str], int], budget: int) -> list:
+    """Group (pooling, layer) pairs into extraction passes of at most `budget` feature values a
+    row (first-fit decreasing; a pair bigger than the budget gets a pass of its own)."""
+    groups: list[list[tuple[int, str]]] = []
+    room: list[int] = []
+    for pair in sorted(pairs, key=lambda p: -dims[p]):
+        i = next((i for i, r in enumerate(room) if dims[pair] <= r), None)
+        if i is None:
+            groups.append([pair])
+            room.append(budget - dims[pair])
+        else:
+            groups[i].append(pair)
+            room[i] -= dims[pair]
+    return groups
+
+
+def cached(item: Loaded, spec: SplitSpec, max_dim: int, layer: str, cache_dir: Path) -> Features:
+    """One (pooling, layer) from the cache; extracted again if the file is damaged."""
+    path = _cache_path(item, spec, max_dim, layer, cache_dir)
+    feats = cache.load(path)
+    if feats is None:
+        feats = extract_pooled(item.encoder, {max_dim: [layer]}, spec)[max_dim][layer]
+        cache.save(feats, path)
+    return feats
 
 
 def extraction_plan(
@@ -161,14 +201,19 @@ def run_encoder(cfg: BenchmarkConfig, item: Loaded, units_dir: Path, cache_dir: 
     }  # fmt: skip
     records = {k: r for k in set(keys.values()) if (r := load_unit(units_dir, k)) is not None}
     pending = {k for k in keys.values() if k not in records}
-    for max_dim, layers in extraction_plan(cfg.protocols, item.layers, side, pending).items():
-        train_spec, test_spec = (_split(cfg, item, s, max_dim) for s in ("train", "test"))
-        tests = dict(layer_features(item, layers, test_spec, cache_dir))
-        for layer, train in layer_features(item, layers, train_spec, cache_dir):
-            s = pooled(shapes[layer], max_dim)
-            for k in sorted((k for k in pending if (k.layer, k.side) == (layer, s)),
+    plan = extraction_plan(cfg.protocols, item.layers, side, pending)
+    specs = {split: _split(cfg, item, split) for split in ("train", "test")}
+    dims = {(d, lay): feature_dim(shapes[lay], d) for d, lays in plan.items() for lay in lays}
+    for spec in specs.values():
+        ensure_cached(item, plan, spec, cache_dir, dims, cfg.extract_dims)
+    for max_dim, layers in plan.items():
+        for layer in layers:  # one layer's features in memory at a time
+            train, test = (cached(item, specs[x], max_dim, layer, cache_dir) for x in specs)
+            side_now = pooled(shapes[layer], max_dim)
+            for k in sorted((k for k in pending if (k.layer, k.side) == (layer, side_now)),
                             key=lambda k: k.fraction):  # fmt: skip
-                records[k] = _compute(cfg, item, k, train, tests[layer], units_dir)
+                records[k] = _compute(cfg, item, k, train, test, units_dir)
+            del train, test
     return [row(item.spec, p, records[k]) | {"unit": k.stem()} for (p, _, _), k in keys.items()]
 
 

@@ -85,6 +85,51 @@ def extract_local(encoder: Encoder, layers: Sequence[str], spec: SplitSpec) -> d
     return extract(encoder.module, layers, batches, spec.max_dim)
 
 
+def extract_pooled(
+    encoder: Encoder, wanted: dict[int, list[str]], spec: SplitSpec
+) -> dict[int, dict[str, Features]]:
+    """One pass over the split for several poolings: max_dim -> {layer: Features}. The encoder
+    runs once per batch; each map is pooled to every size asked of it (the benchmark's `gap`
+    and `spatial` protocols share the pass). spec.max_dim is ignored."""
+    import numpy as np
+    import torch
+
+    from evaluation.features import _finish, extraction_device, pool
+
+    layers = sorted({lay for lays in wanted.values() for lay in lays})
+    device = extraction_device()
+    module = encoder.module
+    home = next(module.parameters(), torch.empty(0)).device
+    module.eval().to(device)
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    parts = {(d, lay): [] for d, lays in wanted.items() for lay in lays}
+    batches = tracked(_loader(spec, 0, 1), desc=f"extract {encoder.name} {spec.name}", unit="batch")
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                n = len(batch["key"])
+                valid = batch["valid"].bool() if "valid" in batch else torch.ones(n, dtype=bool)
+                if not valid.any():
+                    continue
+                if "label" not in batch:
+                    raise ValueError(f"batch without labels (keys {batch['key'][:3]}...): "
+                                     "probing needs a `cls` member in every sample")  # fmt: skip
+                out = module.encode(batch["image"][valid].to(device), layers)
+                for d, lay in parts:
+                    parts[d, lay].append(pool(out[lay], d).cpu().numpy())
+                keys.extend(k for k, v in zip(batch["key"], valid.tolist(), strict=True) if v)
+                labels.append(batch["label"][valid].numpy().astype(np.int64))
+    finally:
+        module.to(home)
+    if not keys:
+        raise ValueError(f"feature extraction saw no valid samples in {spec.urls}")
+    out_: dict[int, dict[str, Features]] = {}
+    for (d, lay), chunks in parts.items():
+        out_.setdefault(d, {})[lay] = _finish(keys, labels, chunks)
+    return out_
+
+
 def _extract_part(module, layers, spec: SplitSpec, rank: int, world_size: int):
     desc = f"extract {spec.name} part {rank + 1}/{world_size}"  # printed by the Ray task
     batches = tracked(_loader(spec, rank, world_size), desc=desc, unit="batch")
