@@ -72,6 +72,10 @@ class BenchmarkConfig:
     # 16,384 is ~3.3 GB at CIFAR-10's 50,000 train rows, two passes for a width-64 DCGAN's four
     # layers under both protocols; 32,768 makes it one pass (~6 GB, + ~2 GB while sorting).
     extract_dims: int = 16384
+    # Keep an encoder's cached features once all its units are done. Off by default: a
+    # width-64 DCGAN's four layers under both protocols are ~7 GB a CIFAR-10 encoder, and the
+    # units hold every result (a resume of a half-done encoder extracts its features again).
+    keep_features: bool = False
     n_boot: int = 2000  # bootstrap resamples for the headline and gap intervals
     output_root: str = "outputs"
     tracking_uri: str = ""  # '' = sqlite:///<output_root>/mlflow.db
@@ -126,7 +130,7 @@ def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     return BenchmarkConfig(
         encoders=tuple(parse_encoder(e) for e in a["encoder"]), layers=_words(a["layers"]),
         protocols=_words(a["protocols"]), fractions=_floats(a["fractions"]),
-        raw_pixels=not a["no_raw_pixels"], probe=probe, **{k: a[k] for k in same},
+        raw_pixels=not a["no_raw_pixels"], keep_features=a["keep_features"], probe=probe, **{k: a[k] for k in same},
     )  # fmt: skip
 
 

@@ -214,6 +214,11 @@ def run_encoder(cfg: BenchmarkConfig, item: Loaded, units_dir: Path, cache_dir: 
                             key=lambda k: k.fraction):  # fmt: skip
                 records[k] = _compute(cfg, item, k, train, test, units_dir)
             del train, test
+    if not cfg.keep_features:  # every unit of the encoder is done: its features are spent
+        for spec in specs.values():
+            for d, lays in plan.items():
+                for lay in lays:
+                    _cache_path(item, spec, d, lay, cache_dir).unlink(missing_ok=True)
     return [row(item.spec, p, records[k]) | {"unit": k.stem()} for (p, _, _), k in keys.items()]
 
 

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--no-refit", action="store_true", help="score the sweep's fit (one lbfgs fit fewer)")
     add("--batch-size", type=int, default=D.batch_size)
     add("--extract-dims", type=int, default=D.extract_dims, help="feature values a pass holds")
+    add("--keep-features", action="store_true", help="keep the feature cache after the units")
     add("--n-boot", type=int, default=D.n_boot)
     add("--output-root", default=D.output_root)
     add("--tracking-uri", default=D.tracking_uri, help="'' = sqlite:///<output-root>/mlflow.db")
