@@ -130,7 +130,8 @@ def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     return BenchmarkConfig(
         encoders=tuple(parse_encoder(e) for e in a["encoder"]), layers=_words(a["layers"]),
         protocols=_words(a["protocols"]), fractions=_floats(a["fractions"]),
-        raw_pixels=not a["no_raw_pixels"], keep_features=a["keep_features"], probe=probe, **{k: a[k] for k in same},
+        raw_pixels=not a["no_raw_pixels"], keep_features=a["keep_features"], probe=probe,
+        **{k: a[k] for k in same},
     )  # fmt: skip
 
 
