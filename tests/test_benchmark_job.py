@@ -72,6 +72,8 @@ def test_benchmark_end_to_end_and_resume(setup):
     assert dims["gap", "conv3"] == dims["spatial", "conv3"] == 2048
     units = root / "out" / "benchmark" / "cifar10" / "units"
     assert len(list(units.glob("*.json"))) == (4 * 3 + 1) * 2
+    # Every unit is done, so the features are spent and gone (--keep-features keeps them).
+    assert not list((root / "out" / "feature_cache").rglob("*.parquet"))
     # One headline (encoder, layer) per kind, protocol and fraction, chosen on validation.
     head = csv[csv.headline]
     for (kind, _, _), rows in head.groupby(["kind", "protocol", "label_fraction"]):
