@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # on CIFAR-10 conv3 (random init, 4096-d, tol 1e-4): validation top-1 0.491 / 0.517 / 0.533 /
 # 0.531 / 0.525 at C = 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2, so three points bracket the top, and
 # each one more is a full-size lbfgs fit (130-240 iterations warm-started), the costliest step
-# of the protocol. A choice at an edge is logged: widen the grid (--c-grid) then.
+# of the protocol. A choice at an edge extends the grid (ProbeSettings.extend_steps).
 DEFAULT_C_GRID: tuple[float, ...] = (0.0003, 0.001, 0.003)
 HALF_DECADE = math.sqrt(10.0)  # the grid extension's step
 
