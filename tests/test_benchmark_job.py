@@ -128,7 +128,7 @@ def test_finetune_rows_are_ingested(setup, tmp_path):
     assert g.gap == pytest.approx(20.0) and g.gap_ci_low < 20 < g.gap_ci_high
 
 
-def test_bad_encoder_flag_is_one_line(setup, capsys):
+def test_bad_encoder_flag_is_one_line(capsys):
     from jobs.benchmark import cli
 
     with pytest.raises(SystemExit) as exc:
