@@ -5,8 +5,8 @@ one layer, C sweep included, timed as extraction vs C sweep vs refit. Target: un
         [--protocol gap|spatial]
 
 `--protocol` pools the layer as `ce-benchmark` does (gap: <= 4096 values, spatial: <= 9216), and
-the probe is the benchmark's (`BENCHMARK_PROBE`: grid 1e-3, 3e-3, 1e-2 at 45,000 rows, extended
-by half-decades at an edge).
+the probe is the benchmark's (`BENCHMARK_PROBE`: grid 1e-3, 3e-3, 1e-2, extended by
+half-decades at an edge).
 
 The encoder is the CIFAR configuration (32 px, width 64) at its random initialisation, saved
 and loaded through the real encoder-file path. `fit_probe` with its defaults: float32 features

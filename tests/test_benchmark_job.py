@@ -141,5 +141,5 @@ def test_bad_encoder_flag_is_one_line(capsys):
 def test_print_config_shows_the_probe_defaults(capsys):
     assert main(["--train-shards", "a", "--test-shards", "b", "--print-config"]) is None
     out = capsys.readouterr().out
-    assert "grid_rows: 45000" in out and "- spatial" in out
+    assert "extend_steps: 4" in out and "cv_below: 2000" in out and "- spatial" in out
     json.dumps(out)
