@@ -185,7 +185,7 @@ def main() -> None:
     print(
         f"protocol {args.protocol}: layer {args.layer}, dim {tr.x.shape[1]} float32, train "
         f"{len(tr.x)}, test {len(te.x)}; C grid {list(settings.c_grid)} at "
-        f"{settings.grid_rows} rows swept on {fit.n_sweep} rows (warm starts, tol "
+        f"{settings.grid_rows or 'as given'} rows swept on {fit.n_sweep} rows (warm starts, tol "
         f"{settings.tol:g}, max_iter {settings.max_iter}, BLAS threads "
         f"{settings.blas_threads or 'default'}); chosen C at an edge after the extension: "
         f"{bool(fit.at_edge)}; chosen C "
