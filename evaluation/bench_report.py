@@ -86,6 +86,9 @@ def summary_markdown(
         "| test top-1 (mean ± sd) | 95 % CI |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
+    rank = {k: i for i, k in enumerate(KIND_LABEL)}  # context encoder, random init, raw pixels
+    head = head.assign(_k=[rank.get(k, len(rank)) for k in head["kind"]])
+    head = head.sort_values(["protocol", "label_fraction", "_k"], kind="stable")
     for r in head.itertuples(index=False):
         sd = f" ± {r.test_sd:.1f}" if r.seeds > 1 else ""
         kind, labels = KIND_LABEL.get(r.kind, r.kind), _labels(r.label_fraction, n_full)
