@@ -143,3 +143,23 @@ def test_print_config_shows_the_probe_defaults(capsys):
     out = capsys.readouterr().out
     assert "extend_steps: 4" in out and "cv_below: 2000" in out and "- spatial" in out
     json.dumps(out)
+
+
+@pytest.mark.slow
+def test_parts_compute_disjoint_units_then_the_whole_run_resumes_them(setup, tmp_path):
+    root, train, test, encoders = setup
+    flags = [*encoders, "--train-shards", train, "--test-shards", test, "--output-root",
+             str(tmp_path), "--layers", "conv3", "--fractions", "1", "--protocols", "gap",
+             "--random-init-seeds", "1", "--n-boot", "100", "--c-grid", "0.1",
+             "--blas-threads", "1"]  # fmt: skip
+    units = tmp_path / "benchmark" / "cifar10" / "units"
+    assert main([*flags, "--part", "0/2"]) is None  # ce s0, random_init s0
+    assert sorted(p.stem.split("__")[0] + p.stem.split("__")[1] for p in units.glob("*.json")) == [
+        "ces0", "random_inits0"]  # fmt: skip
+    assert not (tmp_path / "mlflow.db").exists()  # parts log nothing
+    main([*flags, "--part", "1/2"])  # ce s1, raw pixels
+    assert len(list(units.glob("*.json"))) == 4
+    stamps = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    main(flags)
+    assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == stamps
+    assert "0 units computed" in (tmp_path / "benchmark" / "cifar10" / "summary.md").read_text()
