@@ -2,6 +2,11 @@
 one layer, C sweep included, timed as extraction vs C sweep vs refit. Target: under 5 minutes.
 
     python benchmarks/bench_probe.py [--cifar-dir ../shared/datasets/cifar10] [--layer conv3]
+        [--protocol gap|spatial]
+
+`--protocol` pools the layer as `ce-benchmark` does (gap: <= 4096 values, spatial: <= 9216), and
+the probe is the benchmark's (`BENCHMARK_PROBE`: grid 1e-3, 3e-3, 1e-2, extended by
+half-decades at an edge).
 
 The encoder is the CIFAR configuration (32 px, width 64) at its random initialisation, saved
 and loaded through the real encoder-file path. `fit_probe` with its defaults: float32 features
@@ -18,6 +23,7 @@ at the scaled C; it shows what the warm starts save and that they reach the same
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -31,9 +37,18 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from evaluation.bench_config import BENCHMARK_PROBE, PROTOCOLS
 from evaluation.extraction import SplitSpec, split_features
 from evaluation.features import load_encoder
-from evaluation.probe import ProbeFit, ProbeSettings, best_c, fit_probe, scale_c, score_probe
+from evaluation.probe import (
+    ProbeFit,
+    ProbeSettings,
+    best_c,
+    fit_probe,
+    grid_for,
+    scale_c,
+    score_probe,
+)
 from machine import describe
 from pipeline.checkpoint import save_encoder
 from pipeline.config import Config, DataConfig, ModelConfig
@@ -54,7 +69,8 @@ def naive_fit(x, y, settings: ProbeSettings):
         lr = LogisticRegression(C=c, max_iter=settings.max_iter, tol=settings.tol)
         return make_pipeline(StandardScaler(), lr)
 
-    scores = {c: fresh(c).fit(x_tr, y_tr).score(x_val, y_val) for c in sorted(settings.c_grid)}
+    grid = grid_for(settings, len(x_tr))  # the same Cs as ours (no extension on either side)
+    scores = {c: fresh(c).fit(x_tr, y_tr).score(x_val, y_val) for c in grid}
     best = best_c(scores)
     return fresh(scale_c(best, len(x_tr), len(x))).fit(x, y), best
 
@@ -63,15 +79,19 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def extraction(layer: str, cifar: Path, tmp: Path):
+def extraction(layer: str, cifar: Path, tmp: Path, max_dim: int):
     """Timed: train and test features through the real encoder-file and cache path."""
     cfg = Config(data=DataConfig(image_size=32), model=ModelConfig(image_size=32, width=64))
     torch.manual_seed(0)
     save_encoder(tmp / "generator.pt", build_generator(cfg.model), cfg)
     enc = load_encoder("random_init_w64", str(tmp / "generator.pt"), tmp)
     specs = {
-        "train": SplitSpec("train", str(cifar / "cifar10-train-{000000..000009}.tar"), 32),
-        "test": SplitSpec("test", str(cifar / "cifar10-test-{000000..000001}.tar"), 32),
+        "train": SplitSpec(
+            "train", str(cifar / "cifar10-train-{000000..000009}.tar"), 32, max_dim=max_dim
+        ),
+        "test": SplitSpec(
+            "test", str(cifar / "cifar10-test-{000000..000001}.tar"), 32, max_dim=max_dim
+        ),
     }
     t0 = time.perf_counter()
     feats = {n: split_features(enc, [layer], s, tmp / "cache")[layer] for n, s in specs.items()}
@@ -88,6 +108,7 @@ def baseline_rows(tr, te, settings: ProbeSettings, n: int) -> list[tuple[str, fl
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(tr.x), size=min(n, len(tr.x)), replace=False))
     x, y = tr.x[idx], tr.labels[idx]
+    settings = dataclasses.replace(settings, extend_steps=0)  # the naive recipe has none
     t0 = time.perf_counter()
     ours = score_probe(fit_probe(x, y, settings), te.x, te.labels)["probe_top1"]
     t_ours = time.perf_counter() - t0
@@ -122,6 +143,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cifar-dir", default=str(REPO.parent / "shared" / "datasets" / "cifar10"))
     p.add_argument("--layer", default="conv3")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="gap")
     p.add_argument("--baseline-rows", type=int, default=5000, help="0 skips the baseline")
     p.add_argument(
         "--blas-threads",
@@ -130,10 +152,12 @@ def main() -> None:
         help="BLAS threads for the probe fits (0 = the library's default)",
     )
     args = p.parse_args()
-    settings = ProbeSettings(blas_threads=args.blas_threads)
+    settings = dataclasses.replace(BENCHMARK_PROBE, blas_threads=args.blas_threads)
     say(f"machine: {describe()}, scikit-learn {sklearn.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        feats, t_extract, t_cache = extraction(args.layer, Path(args.cifar_dir), Path(tmp))
+        feats, t_extract, t_cache = extraction(
+            args.layer, Path(args.cifar_dir), Path(tmp), PROTOCOLS[args.protocol]
+        )
     tr, te = feats["train"], feats["test"]
     t0, cpu0 = time.perf_counter(), time.process_time()
     fit = fit_probe(tr.x, tr.labels, settings)
@@ -159,10 +183,12 @@ def main() -> None:
     if args.baseline_rows:
         rows += baseline_rows(tr, te, settings, args.baseline_rows)
     print(
-        f"features: layer {args.layer}, dim {tr.x.shape[1]} float32, train {len(tr.x)}, test "
-        f"{len(te.x)}; C grid {list(settings.c_grid)} swept on {fit.n_sweep} rows (warm "
-        f"starts, tol {settings.tol:g}, max_iter {settings.max_iter}, BLAS threads "
-        f"{settings.blas_threads or 'default'}); chosen C "
+        f"protocol {args.protocol}: layer {args.layer}, dim {tr.x.shape[1]} float32, train "
+        f"{len(tr.x)}, test {len(te.x)}; C grid {list(settings.c_grid)} at "
+        f"{settings.grid_rows or 'as given'} rows swept on {fit.n_sweep} rows (warm starts, tol "
+        f"{settings.tol:g}, max_iter {settings.max_iter}, BLAS threads "
+        f"{settings.blas_threads or 'default'}); chosen C at an edge after the extension: "
+        f"{bool(fit.at_edge)}; chosen C "
         f"{metrics['probe_C']:g}, C_final {metrics['probe_C_final']:.4g}, refit n_iter "
         f"{metrics['probe_n_iter']:.0f}, converged {metrics['probe_converged']:.0f}"
     )

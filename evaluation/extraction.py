@@ -22,6 +22,26 @@ from pipeline.progress import tracked
 log = logging.getLogger(__name__)
 
 
+def shards_digest(urls: str) -> str:
+    """sha256 of the expanded shard URLs, the manifest.json beside them (the shard writer's
+    names, counts and byte sizes) and, for local shards, each file's size and mtime: a shard set
+    rewritten in place gets a new digest even without a manifest. Remote shards without a
+    manifest are known by their URLs alone."""
+    from pipeline.data import expand_urls
+    from pipeline.data.manifest import MANIFEST
+    from pipeline.data.open import is_local, local_path, read_beside
+
+    expanded = expand_urls(urls)
+    h = hashlib.sha256("\n".join(expanded).encode())
+    for folder in sorted({u.rsplit("/", 1)[0] if "/" in u else "." for u in expanded}):
+        h.update(read_beside(f"{folder}/x", MANIFEST) or b"no manifest")
+    for url in expanded:
+        if is_local(url):
+            st = Path(local_path(url)).stat()
+            h.update(f"{url}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """Which images to read and how: the split's shards and the eval transform."""
@@ -36,8 +56,9 @@ class SplitSpec:
     resize: int = 0
 
     def split_key(self) -> str:
-        # The shard list is part of the key: other shards under the same split name never hit.
-        return f"{self.name}-{hashlib.sha256(self.urls.encode()).hexdigest()[:10]}"
+        # The shard list and what is in the shards are part of the key: other shards under the
+        # same split name never hit, nor shards rewritten at the same paths (`shards_digest`).
+        return f"{self.name}-{shards_digest(self.urls)[:10]}"
 
     def transform_key(self) -> str:
         resize = f"-resize{self.resize}" if self.resize not in (0, self.image_size) else ""
@@ -62,6 +83,51 @@ def extract_local(encoder: Encoder, layers: Sequence[str], spec: SplitSpec) -> d
     """One process, one pass over all of the split's shards."""
     batches = tracked(_loader(spec, 0, 1), desc=f"extract {encoder.name} {spec.name}", unit="batch")
     return extract(encoder.module, layers, batches, spec.max_dim)
+
+
+def extract_pooled(
+    encoder: Encoder, wanted: dict[int, list[str]], spec: SplitSpec
+) -> dict[int, dict[str, Features]]:
+    """One pass over the split for several poolings: max_dim -> {layer: Features}. The encoder
+    runs once per batch; each map is pooled to every size asked of it (the benchmark's `gap`
+    and `spatial` protocols share the pass). spec.max_dim is ignored."""
+    import numpy as np
+    import torch
+
+    from evaluation.features import _finish, extraction_device, pool
+
+    layers = sorted({lay for lays in wanted.values() for lay in lays})
+    device = extraction_device()
+    module = encoder.module
+    home = next(module.parameters(), torch.empty(0)).device
+    module.eval().to(device)
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    parts = {(d, lay): [] for d, lays in wanted.items() for lay in lays}
+    batches = tracked(_loader(spec, 0, 1), desc=f"extract {encoder.name} {spec.name}", unit="batch")
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                n = len(batch["key"])
+                valid = batch["valid"].bool() if "valid" in batch else torch.ones(n, dtype=bool)
+                if not valid.any():
+                    continue
+                if "label" not in batch:
+                    raise ValueError(f"batch without labels (keys {batch['key'][:3]}...): "
+                                     "probing needs a `cls` member in every sample")  # fmt: skip
+                out = module.encode(batch["image"][valid].to(device), layers)
+                for d, lay in parts:
+                    parts[d, lay].append(pool(out[lay], d).cpu().numpy())
+                keys.extend(k for k, v in zip(batch["key"], valid.tolist(), strict=True) if v)
+                labels.append(batch["label"][valid].numpy().astype(np.int64))
+    finally:
+        module.to(home)
+    if not keys:
+        raise ValueError(f"feature extraction saw no valid samples in {spec.urls}")
+    out_: dict[int, dict[str, Features]] = {}
+    for (d, lay), chunks in parts.items():
+        out_.setdefault(d, {})[lay] = _finish(keys, labels, chunks)
+    return out_
 
 
 def _extract_part(module, layers, spec: SplitSpec, rank: int, world_size: int):

@@ -47,17 +47,34 @@ def unconverged_probes(df: pd.DataFrame) -> list[tuple[str, str]]:
     return list(dict.fromkeys(sub[["encoder", "layer"]].itertuples(index=False, name=None)))
 
 
+AT_EDGE_MARK = " (edge)"
+
+
+def edge_probes(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(encoder, layer) pairs whose chosen C is still at the grid's edge after the extension
+    (`probe_C_at_edge` == 1): the optimum may lie beyond it."""
+    sub = df[(df["metric"] == "probe_C_at_edge") & (df["value"] >= 1)]
+    return list(dict.fromkeys(sub[["encoder", "layer"]].itertuples(index=False, name=None)))
+
+
 def format_table(df: pd.DataFrame) -> str:
-    """A readable fixed-width rendering of `wide(df)`. Layers whose probe did not converge are
-    marked in the table and named in a footnote under it: their probe numbers are not those of
-    the optimum, and a reader of the table alone must not take them for final."""
+    """A readable fixed-width rendering of `wide(df)`. Layers whose probe did not converge, or
+    whose C is still at the grid's edge, are marked in the table and named in a footnote under
+    it: their probe numbers are not those of the optimum, and a reader of the table alone must
+    not take them for final."""
     w = wide(df)
-    bad = unconverged_probes(df)
-    if bad:
-        w.index = pd.MultiIndex.from_tuples(
-            [(e, f"{lay}{NOT_CONVERGED_MARK}" if (e, lay) in bad else lay) for e, lay in w.index]
-        )
+    bad, edge = unconverged_probes(df), edge_probes(df)
+    if bad or edge:
+        w.index = pd.MultiIndex.from_tuples([
+            (e, lay + (NOT_CONVERGED_MARK if (e, lay) in bad else "")
+             + (AT_EDGE_MARK if (e, lay) in edge else ""))
+            for e, lay in w.index
+        ])  # fmt: skip
     text = w.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-")
+    if edge:
+        names = ", ".join(f"{e}/{lay}" for e, lay in edge)
+        text += (f"\n{AT_EDGE_MARK.strip()} chosen C still at the edge of the extended grid "
+                 f"(probe_C_at_edge = 1) for {names}: widen --c-grid.")  # fmt: skip
     if bad:
         names = ", ".join(f"{e}/{lay}" for e, lay in bad)
         text += (

@@ -72,6 +72,34 @@ class ProbeRunResult:
         return f"{report.format_table(self.table)}\n{where}"
 
 
+# Encoder sources checked at load, not on the local disk.
+URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://")
+
+
+def check_named_inputs(shards: dict[str, str], encoders: dict[str, str]) -> None:
+    """Before any work: every shard pattern (flag -> pattern) expands, and every encoder that
+    is a local path (name -> path or URI) exists. Errors name the flag or the encoder."""
+    from pipeline.data import expand_urls
+
+    for flag, urls in shards.items():
+        try:
+            expand_urls(urls)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{flag}: {err}") from err
+    for name, uri in encoders.items():
+        if not uri.startswith(URI_SCHEMES) and not Path(uri).expanduser().exists():
+            raise FileNotFoundError(f"--encoder {name}={uri}: no such checkpoint file or folder")
+
+
+def check_inputs(cfg: ProbeRunConfig) -> None:
+    """The probe job's inputs (`check_named_inputs`) and its sizes."""
+    check_named_inputs(
+        {"--train-shards": cfg.train_shards, "--test-shards": cfg.test_shards}, cfg.encoders
+    )
+    if cfg.batch_size < 1 or cfg.max_dim < 1 or cfg.image_size < 1:
+        raise ValueError("--batch-size, --max-dim and --image-size must be >= 1")
+
+
 def protocol_settings(cfg: ProbeRunConfig) -> ProtocolSettings:
     grid = c_grid_from([float(v) for v in cfg.c_grid.split(",") if v.strip()])
     return ProtocolSettings(

@@ -46,7 +46,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from evaluation.probe import DEFAULT_C_GRID, best_c, scale_c
+from evaluation.probe import DEFAULT_C_GRID, best_c, edge_step, scale_c, val_metrics
 
 log = logging.getLogger(__name__)
 
@@ -487,4 +487,7 @@ def score_streaming_probe(
         "probe_weight_decay": fit.decay,
         "probe_epochs": float(fit.epochs),
         "probe_grad_max": fit.grad_max,
+        # No grid extension here (each C is a head trained in the same pass): an edge choice
+        # is reported, and a wider c_grid is the remedy.
+        **val_metrics(fit.val_top1, fit.c, edge_step(fit.val_top1) is not None),
     }, pred

@@ -10,6 +10,7 @@ An encoder is a checkpoint path, runs:/<run_id>/encoder[/generator.pt], or a log
 models:/NAME@alias, models:/NAME/VERSION, models:/m-<id> (encoder only: no inpainting rows).
 Thin: parse, check the shards and local files named, call `evaluation.run.run_probe` (protocol +
 one MLflow run), print. `--print-config` prints the resolved settings (YAML) and exits.
+The probe logs validation top-1 per C and layer; `ce-benchmark` chooses on it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from pathlib import Path
 
 import yaml
 
-from evaluation.run import ProbeRunConfig, run_probe
+from evaluation.run import ProbeRunConfig, check_inputs, run_probe
 from jobs._cli import Work, prog_name, run_cli, run_main
 
 PROG = ("ce-probe", "jobs.probe")
-URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
 D = ProbeRunConfig  # the flag defaults are the config's
 
 
@@ -39,58 +37,34 @@ def _encoder_arg(text: str) -> tuple[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog_name(*PROG), description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--encoder",
-        action="append",
-        type=_encoder_arg,
-        default=[],
+    add = p.add_argument
+    add("--encoder", action="append", type=_encoder_arg, default=[],
         help="NAME=checkpoint path, runs:/<id>/encoder[/generator.pt], models:/NAME@alias or "
-        "models:/NAME/VERSION; repeatable",
-    )
-    p.add_argument("--train-shards", required=True)
-    p.add_argument("--test-shards", required=True)
-    p.add_argument("--layers", default=D.layers, help="comma-separated encoder layers ('' = all)")
-    p.add_argument("--image-size", type=int, default=D.image_size)
-    p.add_argument("--output-root", default=D.output_root)
-    p.add_argument(
-        "--tracking-uri",
-        default=D.tracking_uri,
-        help="'' = $MLFLOW_TRACKING_URI, else sqlite:///<output-root>/mlflow.db",
-    )
-    p.add_argument("--experiment", default=D.experiment)
-    p.add_argument("--ray", action="store_true", help="fan feature extraction out over Ray")
-    p.add_argument("--ray-tasks", type=int, default=D.ray_tasks)
-    p.add_argument("--batch-size", type=int, default=D.batch_size)
-    p.add_argument("--max-dim", type=int, default=D.max_dim, help="pooled feature size per layer")
-    p.add_argument(
-        "--c-grid",
-        default=D.c_grid,
-        help="probe Cs at the sweep's rows; the refit scales C to its own rows",
-    )
-    p.add_argument(
-        "--sweep-max-samples",
-        type=int,
-        default=D.sweep_max_samples,
-        help="C sweep on at most this many carved train rows (0 = all)",
-    )
-    p.add_argument(
-        "--max-iter",
-        type=int,
-        default=D.max_iter,
-        help="lbfgs cap per probe fit; a fit that reaches it is reported unconverged",
-    )
-    p.add_argument("--tol", type=float, default=D.tol, help="lbfgs gradient tol")
-    p.add_argument("--inpaint-images", type=int, default=D.inpaint_images)
-    p.add_argument(
-        "--probe",
-        choices=("sklearn", "streaming"),
-        default=D.probe,
-        help="linear probe: sklearn (in memory) or streaming (chunks of the Parquet cache)",
-    )
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved settings (YAML) and exit"
-    )
-    return p.parse_args(argv)  # fmt: skip
+        "models:/NAME/VERSION; repeatable")  # fmt: skip
+    add("--train-shards", required=True)
+    add("--test-shards", required=True)
+    add("--layers", default=D.layers, help="comma-separated encoder layers ('' = all)")
+    add("--image-size", type=int, default=D.image_size)
+    add("--output-root", default=D.output_root)
+    add("--tracking-uri", default=D.tracking_uri,
+        help="'' = $MLFLOW_TRACKING_URI, else sqlite:///<output-root>/mlflow.db")  # fmt: skip
+    add("--experiment", default=D.experiment)
+    add("--ray", action="store_true", help="fan feature extraction out over Ray")
+    add("--ray-tasks", type=int, default=D.ray_tasks)
+    add("--batch-size", type=int, default=D.batch_size)
+    add("--max-dim", type=int, default=D.max_dim, help="pooled feature size per layer")
+    add("--c-grid", default=D.c_grid,
+        help="probe Cs at the sweep's rows; the refit scales C to its own rows")  # fmt: skip
+    add("--sweep-max-samples", type=int, default=D.sweep_max_samples,
+        help="C sweep on at most this many carved train rows (0 = all)")  # fmt: skip
+    add("--max-iter", type=int, default=D.max_iter,
+        help="lbfgs cap per probe fit; a fit that reaches it is reported unconverged")  # fmt: skip
+    add("--tol", type=float, default=D.tol, help="lbfgs gradient tol")
+    add("--inpaint-images", type=int, default=D.inpaint_images)
+    add("--probe", choices=("sklearn", "streaming"), default=D.probe,
+        help="sklearn (in memory) or streaming (chunks of the Parquet cache)")  # fmt: skip
+    add("--print-config", action="store_true", help="print the resolved settings (YAML), exit")
+    return p.parse_args(argv)
 
 
 def config_from(args: argparse.Namespace) -> ProbeRunConfig:
@@ -99,22 +73,6 @@ def config_from(args: argparse.Namespace) -> ProbeRunConfig:
         raise ValueError(f"--encoder names must be unique, got {[n for n, _ in args.encoder]}")
     names = {f.name for f in dataclasses.fields(ProbeRunConfig)} - {"encoders"}
     return ProbeRunConfig(encoders=encoders, **{k: getattr(args, k) for k in names})
-
-
-def check_inputs(cfg: ProbeRunConfig) -> None:
-    """The shards and local encoder files named exist (MLflow URIs are checked at load)."""
-    from pipeline.data import expand_urls
-
-    for flag, urls in (("--train-shards", cfg.train_shards), ("--test-shards", cfg.test_shards)):
-        try:
-            expand_urls(urls)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{flag}: {err}") from err
-    for name, uri in cfg.encoders.items():
-        if not uri.startswith(URI_SCHEMES) and not Path(uri).expanduser().exists():
-            raise FileNotFoundError(f"--encoder {name}={uri}: no such checkpoint file or folder")
-    if cfg.batch_size < 1 or cfg.max_dim < 1 or cfg.image_size < 1:
-        raise ValueError("--batch-size, --max-dim and --image-size must be >= 1")
 
 
 def prepare(argv: list[str] | None = None) -> Work | None:

@@ -103,6 +103,17 @@ def test_unconverged_probes_are_marked_in_the_table():
     assert "did not converge" in lines[-1] and "ce/conv2" in lines[-1]
 
 
+def test_probes_with_c_at_the_edge_are_marked_in_the_table():
+    rows = report.rows_for("ce", "conv1", {"probe_top1": 0.6, "probe_C_at_edge": 1.0})
+    rows += report.rows_for("ce", "conv2", {"probe_top1": 0.7, "probe_C_at_edge": 0.0})
+    df = report.make_table(rows)
+    assert report.edge_probes(df) == [("ce", "conv1")]
+    lines = report.format_table(df).splitlines()
+    assert any("conv1 (edge)" in line for line in lines)
+    assert not any("conv2 (edge)" in line for line in lines)
+    assert "still at the edge" in lines[-1] and "ce/conv1" in lines[-1]
+
+
 def test_duplicate_rows_are_refused():
     rows = report.rows_for("a", "l", {"m": 1.0}) * 2
     with pytest.raises(ValueError, match="duplicate"):

@@ -153,10 +153,12 @@ def test_chosen_c_is_the_argmax_of_independent_cold_fits():
 def test_ties_go_to_the_smaller_c_and_edges_are_logged(caplog):
     assert best_c({1.0: 0.5, 0.1: 0.5, 0.01: 0.3, 10.0: 0.5}) == 0.1
     assert best_c({1.0: 0.6, 0.1: 0.5}) == 1.0
-    x, y = blobs(30, 3, 6, 1.0, seed=0)
+    # Validation 1.0 at C=1e-3, 0.89 at 1e-2: the lower edge wins outright. Without extension
+    # steps it stays there, reported (a tie with its neighbour would be no edge).
+    x, y = blobs(30, 3, 6, 3.0, seed=0)
     with caplog.at_level(logging.WARNING, logger="evaluation.probe"):
-        select_c(x, y, ProbeSettings(c_grid=(0.01, 0.1)))
-    assert "edge of the grid" in caplog.text
+        sweep = select_c(x, y, ProbeSettings(c_grid=(1e-3, 1e-2), extend_steps=0))
+    assert "edge of the grid" in caplog.text and sweep.at_edge and sweep.c == 1e-3
 
 
 def test_scale_c_keeps_the_per_sample_objective():
