@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
-from pathlib import Path
 
 import torch
 
-from pipeline.precision import Capabilities, capabilities, resolve
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from pipeline.precision import Capabilities, capabilities, cpu_model, resolve
 
 
 def describe(device: torch.device | None = None) -> str:

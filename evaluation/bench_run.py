@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import time
@@ -30,6 +29,7 @@ from evaluation.bench_report import (
 )
 from evaluation.benchmark import correctness_of, load_encoders, run_encoder
 from evaluation.selection import gaps, headline_estimates
+from pipeline.precision import cpu_model
 from pipeline.storage import default_sqlite_uri, local_root
 from pipeline.tracking import RunLogger, check_tracking, client, new_run, tracked_run
 
@@ -116,15 +116,6 @@ def config_params(cfg: BenchmarkConfig) -> dict[str, object]:
     flat |= {f"encoder.{e.name}.s{e.seed}": f"{e.uri} ({e.kind})" for e in cfg.encoders}
     return flat
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_line(wall_s: float, computed: int, total: int, fit_s: float) -> str:

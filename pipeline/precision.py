@@ -14,8 +14,10 @@ hardware; `capabilities` and `resolve_for` are the thin layer that reads the rea
 from __future__ import annotations
 
 import functools
+import platform
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -110,6 +112,17 @@ def capabilities(device: torch.device | str = "cpu") -> Capabilities:
         cuda_bf16=cuda_bf16,
         cuda_name=cuda_name,
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (machine lines of benchmarks: the ISA alone does not name it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def resolve_for(precision: str, channels_last: bool | str, device: torch.device | str) -> Resolved:
