@@ -438,8 +438,9 @@ def score_probe(fit: ProbeFit, x_test: np.ndarray, y_test: np.ndarray) -> dict[s
 
 def val_metrics(val_top1: dict[float, float], c: float, at_edge: bool) -> dict[str, float]:
     """What validation saw: top-1 at the chosen C, whether C is still at the grid's edge, and
-    top-1 at every C tried (`probe_val_top1_C_<C>`)."""
-    out = {"probe_val_top1": val_top1[c], "probe_C_at_edge": float(at_edge)}
+    top-1 at every C tried (`probe_val_top1_C_<C>`). A fit at a given C, with no sweep (the
+    benchmarks' fixed-C heads), saw no validation: NaN."""
+    out = {"probe_val_top1": val_top1.get(c, float("nan")), "probe_C_at_edge": float(at_edge)}
     out |= {f"probe_val_top1_C_{k:.3g}": v for k, v in sorted(val_top1.items())}
     return out
 

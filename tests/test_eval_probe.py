@@ -244,3 +244,17 @@ def test_knn_accuracy_on_clusters_and_chance():
     rng = np.random.default_rng(3)
     bad = knn_classify(x, rng.permutation(y), xt, yt, num_classes=10)
     assert bad["knn_top1"] < 0.2
+
+
+def test_val_metrics_report_the_chosen_c_and_nan_without_a_sweep():
+    """A swept fit reports top-1 at its C and at every C; a fixed-C fit (gpu_check's and
+    bench_streaming_probe's heads) saw no validation and must not fail on it."""
+    import math
+
+    from evaluation.probe import val_metrics
+
+    swept = val_metrics({0.1: 0.5, 1.0: 0.7}, 1.0, True)
+    assert swept["probe_val_top1"] == 0.7 and swept["probe_C_at_edge"] == 1.0
+    assert swept["probe_val_top1_C_0.1"] == 0.5 and swept["probe_val_top1_C_1"] == 0.7
+    fixed = val_metrics({}, 1.0, False)
+    assert math.isnan(fixed["probe_val_top1"]) and fixed["probe_C_at_edge"] == 0.0
