@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from jobs._cli import Work, prog_name, run_cli, run_main
+from pipeline.data.manifest import describe
 from pipeline.data.writer import SourceError, digits_source, folder_source, write_shards
 
 PROG = ("ce-make-shards", "jobs.make_shards")
@@ -96,19 +97,10 @@ def prepare(argv: list[str] | None = None) -> Work:
             progress=sys.stderr.isatty(),
             workers=workers,
         )
-        report(manifest, args.out)
+        print(describe(manifest, args.out))
         return manifest
 
     return work
-
-
-def report(manifest: dict, out: str) -> None:
-    written = [s for s in manifest["shards"] if s.get("prefix") == manifest["prefix"]]
-    print(f"wrote {manifest['total']} samples in {len(written)} shards to {out}")
-    if manifest["skipped"]:  # unreadable files and decompression bombs, each with its reason
-        print(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")
-    for name, info in manifest["splits"].items():
-        print(f"{name}: {info['total']} samples  {info['pattern']}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -45,3 +45,14 @@ def manifest_entry(url: str, cache: dict[str, dict[str, dict] | None]) -> dict |
             cache[folder] = None
     entries = cache[folder]
     return entries.get(name) if entries else None
+
+
+def describe(manifest: dict, out: str) -> str:
+    """What one `make_shards` write produced: shards of its prefix, skips, splits (printed)."""
+    written = [s for s in manifest["shards"] if s.get("prefix") == manifest["prefix"]]
+    lines = [f"wrote {manifest['total']} samples in {len(written)} shards to {out}"]
+    if manifest["skipped"]:  # unreadable files and decompression bombs, each with its reason
+        lines.append(f"skipped {len(manifest['skipped'])} files (listed in manifest.json)")
+    lines += [f"{name}: {info['total']} samples  {info['pattern']}"
+              for name, info in manifest["splits"].items()]  # fmt: skip
+    return "\n".join(lines)
