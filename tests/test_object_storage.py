@@ -16,11 +16,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from pipeline.config import DataConfig, MaskConfig
 from pipeline.data import build_loader, expand_urls
 from pipeline.data.counts import shard_sample_counts
 from pipeline.data.writer import Source, digits_source, write_shards
+from servers import MotoS3, free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -38,66 +37,23 @@ RUN = "s3-resume"
 MAX_STEPS, CKPT_EVERY = 200, 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # throwaway servers: no graceful shutdown needed
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto_server on a free loopback port, a bucket, and the AWS environment pointing at it
     (set in os.environ for this module, so this process's s3fs / boto3 use it too)."""
-    import boto3
     import s3fs
 
-    home = tmp_path_factory.mktemp("aws")
-    port = _free_port()
-    server = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        # no profile, config or credentials file of this machine's user leaks in
-        "AWS_CONFIG_FILE": str(home / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
-    }
+    server = MotoS3(tmp_path_factory.mktemp("aws"), BUCKET)
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
+        for k, v in server.env.items():
             mp.setenv(k, v)
         mp.delenv("AWS_PROFILE", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()  # none made before this env may be reused
         try:
-            _wait_http(env["AWS_ENDPOINT_URL"], 60, server)
-            client = boto3.client("s3")
-            client.create_bucket(Bucket=BUCKET)
-            yield client, env
+            yield server.client(), server.env
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
-            _stop(server)
+            server.stop()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,7 +62,7 @@ def mlflow_server(s3, tmp_path_factory):
     so that its slow start overlaps the shard tests; `resumed_run` waits until it answers.
     Yields (tracking URI, process)."""
     folder = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
@@ -117,7 +73,7 @@ def mlflow_server(s3, tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{port}", server
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 def _keys(client, prefix: str) -> list[str]:
@@ -198,7 +154,7 @@ def resumed_run(s3, shards, mlflow_server, tmp_path_factory):
     # The S3 environment (set by `s3`) without the test session's Ray API address.
     env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
     env |= {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    _wait_http(f"{uri}/health", 120, server)
+    wait_http(f"{uri}/health", 120, server)
     first = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
