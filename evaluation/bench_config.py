@@ -63,6 +63,9 @@ class BenchmarkConfig:
     layers: tuple[str, ...] = ()  # () = every layer of the encoder
     protocols: tuple[str, ...] = ("gap", "spatial")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    # Protocol -> its own label fractions, where it should not run them all: e.g. `spatial` at
+    # 1 % and 10 % only, its full-label 9,216-d fits being hours of CPU (docs/benchmark.md).
+    protocol_fractions: dict[str, tuple[float, ...]] = field(default_factory=dict)
     subset_seed: int = 0  # the stratified label subsets (the same for every encoder)
     random_init_seeds: int = 3  # as many as the headline variant's pretraining seeds
     raw_pixels: bool = True
@@ -87,8 +90,14 @@ class BenchmarkConfig:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:
             raise ValueError(f"protocols must be among {list(PROTOCOLS)}, got {self.protocols}")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"label fractions must be in (0, 1], got {self.fractions}")
+        for what, fr in [("", self.fractions)] + [
+            (f" of {p}", f) for p, f in self.protocol_fractions.items()
+        ]:
+            if not fr or any(not 0 < f <= 1 for f in fr):
+                raise ValueError(f"label fractions{what} must be in (0, 1], got {fr}")
+        if stray := sorted(set(self.protocol_fractions) - set(self.protocols)):
+            raise ValueError(f"fractions given for {stray}, not among the protocols run "
+                             f"{list(self.protocols)}")  # fmt: skip
         ids = [(e.name, e.seed) for e in self.encoders]
         if len(set(ids)) != len(ids):
             raise ValueError(f"encoder (name, seed) pairs must be unique, got {ids}")
@@ -96,6 +105,10 @@ class BenchmarkConfig:
             raise ValueError(f"encoder name(s) {clash} are reserved for the baselines")
         if self.random_init_seeds < 0:
             raise ValueError("random_init_seeds must be >= 0")
+
+    def fractions_of(self, protocol: str) -> tuple[float, ...]:
+        """The label fractions `protocol` runs at."""
+        return self.protocol_fractions.get(protocol, self.fractions)
 
 
 # The benchmark's probe: the probe job's absolute C (scikit-learn's, multiplying the summed loss)
@@ -115,6 +128,21 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(text).split(",") if v.strip())
 
 
+def parse_protocol_fractions(items: list[str]) -> dict[str, tuple[float, ...]]:
+    """['spatial=0.01,0.1', ...] -> {'spatial': (0.01, 0.1)}; ValueError naming a bad item."""
+    out: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        try:
+            fr = _floats(values)
+        except ValueError:
+            fr = ()
+        if not sep or not name.strip() or not fr:
+            raise ValueError(f"--protocol-fractions {item!r}: expected PROTOCOL=F1,F2,...")
+        out[name.strip()] = fr
+    return out
+
+
 def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     """The config from `ce-benchmark`'s parsed flags (argparse dest names); comma lists split."""
     probe = dataclasses.replace(
@@ -130,6 +158,7 @@ def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     return BenchmarkConfig(
         encoders=tuple(parse_encoder(e) for e in a["encoder"]), layers=_words(a["layers"]),
         protocols=_words(a["protocols"]), fractions=_floats(a["fractions"]),
+        protocol_fractions=parse_protocol_fractions(a.get("protocol_fractions") or []),
         raw_pixels=not a["no_raw_pixels"], keep_features=a["keep_features"], probe=probe,
         **{k: a[k] for k in same},
     )  # fmt: skip

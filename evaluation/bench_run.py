@@ -117,7 +117,6 @@ def config_params(cfg: BenchmarkConfig) -> dict[str, object]:
     return flat
 
 
-
 def machine_line(wall_s: float, computed: int, total: int, fit_s: float) -> str:
     """The machine, its load, and what this invocation and all units cost."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -197,7 +197,7 @@ def run_encoder(cfg: BenchmarkConfig, item: Loaded, units_dir: Path, cache_dir: 
     }
     keys = {
         (p, lay, f): UnitKey(item.spec.name, item.spec.seed, lay, side[p, lay], f)
-        for p in cfg.protocols for lay in item.layers for f in cfg.fractions
+        for p in cfg.protocols for lay in item.layers for f in cfg.fractions_of(p)
     }  # fmt: skip
     records = {k: r for k in set(keys.values()) if (r := load_unit(units_dir, k)) is not None}
     pending = {k for k in keys.values() if k not in records}

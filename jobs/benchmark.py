@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--layers", default="", help="comma-separated encoder layers ('' = all)")
     add("--protocols", default=",".join(D.protocols), help=f"among {list(PROTOCOLS)}")
     add("--fractions", default=",".join(f"{f:g}" for f in D.fractions), help="label fractions")
+    add(
+        "--protocol-fractions",
+        action="append",
+        default=[],
+        metavar="PROTOCOL=F1,F2",
+        help="a protocol's own label fractions (default --fractions); repeatable",
+    )
     add("--random-init-seeds", type=int, default=D.random_init_seeds)
     add("--no-raw-pixels", action="store_true", help="skip the raw-pixel baseline")
     add("--c-grid", default=",".join(f"{c:g}" for c in P.c_grid), help="C at --grid-rows rows")

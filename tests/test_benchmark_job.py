@@ -5,6 +5,7 @@ headline and gap, the MLflow parent and child runs, and a rerun that resumes eve
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -163,3 +164,31 @@ def test_parts_compute_disjoint_units_then_the_whole_run_resumes_them(setup, tmp
     main(flags)
     assert {p.name: p.stat().st_mtime_ns for p in units.iterdir()} == stamps
     assert "0 units computed" in (tmp_path / "benchmark" / "cifar10" / "summary.md").read_text()
+
+
+def test_a_protocols_own_fractions_are_checked_and_shown(capsys):
+    flags = ["--train-shards", "a", "--test-shards", "b", "--print-config"]
+    main([*flags, "--protocol-fractions", "spatial=0.01,0.1"])
+    assert "protocol_fractions:\n  spatial:\n  - 0.01\n  - 0.1\n" in capsys.readouterr().out
+    for bad, says in [("spatial", "expected PROTOCOL=F1,F2"), ("spatial=x", "expected PROTOCOL"),
+                      ("spatial=2", "of spatial must be in (0, 1]"),
+                      ("knn=0.1", "fractions given for ['knn']")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(says)):
+            main([*flags, "--protocol-fractions", bad])
+
+
+@pytest.mark.slow
+def test_a_protocol_runs_only_its_own_fractions(setup, tmp_path):
+    root, train, test, encoders = setup
+    main([*encoders[:2], "--train-shards", train, "--test-shards", test, "--output-root",
+          str(tmp_path), "--layers", "conv1", "--fractions", "0.3,1", "--protocol-fractions",
+          "spatial=0.3", "--random-init-seeds", "1", "--no-raw-pixels", "--n-boot", "100",
+          "--c-grid", "0.1", "--cv-below", "60", "--blas-threads", "1"])  # fmt: skip
+    table = pd.read_parquet(tmp_path / "benchmark" / "cifar10" / "table.parquet")
+    got = table.groupby("protocol").label_fraction.apply(lambda f: sorted(set(f))).to_dict()
+    assert got == {"gap": [0.3, 1.0], "spatial": [0.3]}
+    # conv1 pools differently under the two protocols: 2 encoders x (2 gap + 1 spatial) units.
+    assert len(list((tmp_path / "benchmark" / "cifar10" / "units").glob("*.json"))) == 6
+    gap = pd.read_csv(tmp_path / "benchmark" / "cifar10" / "gap.csv")
+    assert sorted(zip(gap.protocol, gap.label_fraction, strict=True)) == [
+        ("gap", 0.3), ("gap", 1.0), ("spatial", 0.3)]  # fmt: skip
