@@ -207,4 +207,6 @@ def _finish(
         shutil.copyfile(out / f"{cfg.name}.csv", dst / f"{cfg.name}.csv")
         shutil.copyfile(out / "summary.md", dst / f"{cfg.name}_summary.md")
         shutil.copyfile(out / "label_efficiency.png", dst / f"{cfg.name}_label_efficiency.png")
+        for table_name in ("headline", "gap"):  # their intervals need the per-image results
+            shutil.copyfile(out / f"{table_name}.csv", dst / f"{cfg.name}_{table_name}.csv")
     return BenchmarkResult(run_id, uri, out, table, head, gap, md)
