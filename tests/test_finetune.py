@@ -15,6 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from evaluation.bench_report import ingest_finetune
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.finetune.carve import carve, stratified_carve
 from pipeline.finetune.model import build_classifier, build_optimizer, lr_at, pad_and_crop
@@ -232,8 +233,12 @@ def test_finetune_chooses_on_val_before_test_exists(tmp_path, ray_local):
         (written,) = list(csv.DictReader(f))
     assert list(written) == ["encoder", "kind", "protocol", "label_fraction", "seed", "layer",
                              "chosen_on_val", "val_top1", "test_top1", "test_ci_low",
-                             "test_ci_high"]  # fmt: skip
-    assert float(written["test_top1"]) == row["test_top1"]
+                             "test_ci_high", "test_n"]  # fmt: skip
+    assert float(written["test_top1"]) == row["test_top1"] and row["test_n"] == 120
+    # The row is what `ce-benchmark --finetune-results` takes (it once lacked test_n).
+    ingested = ingest_finetune(res.row_csv).iloc[0]
+    assert ingested.protocol == "finetune" and ingested.test_n == 120
+    assert ingested.test_ci_low == pytest.approx(row["test_ci_low"])
     assert json.loads(res.row_json.read_text()) == row
 
     c = MlflowClient(run.uri)

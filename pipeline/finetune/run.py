@@ -32,7 +32,7 @@ from pipeline.tracking import RunLogger, check_tracking, start_or_resume_run, tr
 
 # The benchmark's row (ce-benchmark ingests it with protocol `finetune`); accuracies in percent.
 ROW_COLUMNS = ("encoder", "kind", "protocol", "label_fraction", "seed", "layer", "chosen_on_val",
-               "val_top1", "test_top1", "test_ci_low", "test_ci_high")  # fmt: skip
+               "val_top1", "test_top1", "test_ci_low", "test_ci_high", "test_n")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ def score_test(
         "chosen_on_val": True, "val_top1": round(chosen.val_top1, 4),
         "test_top1": round(100.0 * correct / total, 4),
         "test_ci_low": round(100.0 * low, 4), "test_ci_high": round(100.0 * high, 4),
+        "test_n": total,  # ce-benchmark's interval for the gap needs the count
     }  # fmt: skip
     folder = local_root(cfg.run.output_root) / "finetune" / run.run_name
     folder.mkdir(parents=True, exist_ok=True)
