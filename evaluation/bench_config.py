@@ -68,6 +68,9 @@ class BenchmarkConfig:
     protocol_fractions: dict[str, tuple[float, ...]] = field(default_factory=dict)
     subset_seed: int = 0  # the stratified label subsets (the same for every encoder)
     random_init_seeds: int = 3  # as many as the headline variant's pretraining seeds
+    # A headline (encoder, layer) comes from an encoder with this many seeds, where its kind
+    # has one: the headline's interval must hold seed variation (evaluation/selection.py).
+    headline_min_seeds: int = 3
     raw_pixels: bool = True
     probe: ProbeSettings = field(default_factory=lambda: BENCHMARK_PROBE)
     batch_size: int = 256
@@ -105,6 +108,8 @@ class BenchmarkConfig:
             raise ValueError(f"encoder name(s) {clash} are reserved for the baselines")
         if self.random_init_seeds < 0:
             raise ValueError("random_init_seeds must be >= 0")
+        if self.headline_min_seeds < 1:
+            raise ValueError("headline_min_seeds must be >= 1")
 
     def fractions_of(self, protocol: str) -> tuple[float, ...]:
         """The label fractions `protocol` runs at."""
@@ -153,6 +158,7 @@ def config_from_flags(a: Mapping[str, Any]) -> BenchmarkConfig:
     if not probe.c_grid or min(probe.c_grid) <= 0:
         raise ValueError(f"--c-grid must be positive numbers, got {a['c_grid']!r}")
     same = ("train_shards", "test_shards", "name", "image_size", "random_init_seeds",
+            "headline_min_seeds",
             "batch_size", "extract_dims", "n_boot", "output_root", "tracking_uri", "experiment",
             "results_dir", "finetune_results")  # fmt: skip
     return BenchmarkConfig(

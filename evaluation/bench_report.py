@@ -47,10 +47,10 @@ def ingest_finetune(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def mark_choices(table: pd.DataFrame) -> pd.DataFrame:
+def mark_choices(table: pd.DataFrame, min_seeds: int = 1) -> pd.DataFrame:
     """The table with `chosen_on_val` and `headline` set from validation alone (`choose` sees
-    only VAL_COLUMNS)."""
-    marked = choose(table[VAL_COLUMNS])
+    only VAL_COLUMNS); a headline encoder needs `min_seeds` seeds where its kind has any."""
+    marked = choose(table[VAL_COLUMNS], min_seeds)
     out = table.reset_index(drop=True).copy()
     out["chosen_on_val"] = marked["chosen_on_val"].to_numpy()
     out["headline"] = marked["headline"].to_numpy()

@@ -173,7 +173,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> BenchmarkResult:
         if cfg.finetune_results:
             table = pd.concat([table, ingest_finetune(cfg.finetune_results)], ignore_index=True)
         note = machine_line(time.perf_counter() - t0, _count(units_dir) - before, n_units, fit_s)
-        result = _finish(cfg, mark_choices(table), out, uri, parent, note)
+        result = _finish(cfg, mark_choices(table, cfg.headline_min_seeds), out, uri, parent, note)
         logger = RunLogger(uri, parent)
         logger.metrics(parent_metrics(result.headline, result.gap), step=0)
         for f in sorted(out.iterdir()):

@@ -8,7 +8,9 @@ layer). Two choices are made on it, both from validation top-1 alone:
   (`chosen_on_val`);
 * per kind (context_encoder / random_init / raw_pixels / ...), protocol and label fraction: the
   (encoder, layer) with the best mean validation top-1 among the kind's chosen rows
-  (`headline`).
+  (`headline`), among the encoders with at least `min_seeds` seeds where the kind has any: a
+  headline must carry its seed-to-seed variation (a one-seed variant's interval holds only
+  the test images'), while a kind with one seed everywhere (raw pixels) still has a headline.
 
 `choose` takes only the validation columns (`VAL_COLUMNS`): the test scores are not passed in,
 so they cannot enter a choice. Test scores then come along for every row; the headline and the
@@ -30,18 +32,22 @@ VAL_COLUMNS = [*GROUP, "encoder", "seed", "layer", "val_top1"]
 CONTEXT, RANDOM, PIXELS = "context_encoder", "random_init", "raw_pixels"
 
 
-def choose(val: pd.DataFrame) -> pd.DataFrame:
+def choose(val: pd.DataFrame, min_seeds: int = 1) -> pd.DataFrame:
     """Mark the val-chosen rows: returns `val` (columns VAL_COLUMNS only) plus bool columns
-    `chosen_on_val` (the encoder's best layer) and `headline` (the kind's best encoder + layer).
-    Ties go to the first in table order (the encoders' and layers' given order)."""
+    `chosen_on_val` (the encoder's best layer) and `headline` (the kind's best encoder + layer,
+    among its encoders with >= `min_seeds` seeds where it has any). Ties go to the first in
+    table order (the encoders' and layers' given order)."""
     missing = [c for c in VAL_COLUMNS if c not in val.columns]
     if missing:
         raise ValueError(f"choose needs the columns {VAL_COLUMNS}; missing {missing}")
     df = val[VAL_COLUMNS].reset_index(drop=True)
     keys = [*GROUP, "encoder", "layer"]
-    mean = df.groupby(keys, sort=False)["val_top1"].mean().reset_index()
+    mean = df.groupby(keys, sort=False).agg(
+        val_top1=("val_top1", "mean"), seeds=("seed", "nunique")).reset_index()  # fmt: skip
     best_layer = _first_max(mean, [*GROUP, "encoder"])
-    best_encoder = _first_max(best_layer, GROUP)
+    enough = best_layer.seeds >= min_seeds
+    has_enough = enough.groupby([best_layer[g] for g in GROUP]).transform("any")
+    best_encoder = _first_max(best_layer[enough | ~has_enough], GROUP)
     as_set = lambda d: set(d[keys].itertuples(index=False, name=None))  # noqa: E731
     chosen, headline = as_set(best_layer), as_set(best_encoder)
     rows = list(df[keys].itertuples(index=False, name=None))

@@ -157,6 +157,28 @@ def test_headline_is_chosen_on_validation_averaged_over_seeds():
         choose(table.drop(columns="val_top1"))
 
 
+def test_a_headline_needs_the_seeds_where_its_kind_has_them():
+    table = table_with_traps()
+    pixels = {"encoder": "raw_pixels", "kind": "raw_pixels", "protocol": "gap",
+              "label_fraction": 1.0, "seed": 0, "layer": "pixels", "val_top1": 40}  # fmt: skip
+    table = pd.concat([table, pd.DataFrame([pixels])], ignore_index=True)
+    head = lambda m: {  # noqa: E731
+        k: set(zip(r.encoder, r.layer, strict=True)) for k, r in m[m.headline].groupby("kind")
+    }
+    # ce_b/conv1 has the best validation (65) but one seed: with 2 required, ce_a/conv2 (63,
+    # two seeds) is the headline; its own layer choice is unchanged. Raw pixels (one seed, no
+    # variant with two) keep theirs, and so does random init (two seeds).
+    two = head(mark_choices(table, min_seeds=2))
+    assert two["context_encoder"] == {("ce_a", "conv2")}
+    assert two["raw_pixels"] == {("raw_pixels", "pixels")}
+    assert two["random_init"] == {("random_init", "conv1")}
+    assert head(mark_choices(table, min_seeds=1))["context_encoder"] == {("ce_b", "conv1")}
+    # More seeds than any encoder has: every encoder is a candidate again.
+    assert head(mark_choices(table, min_seeds=3))["context_encoder"] == {("ce_b", "conv1")}
+    chosen = mark_choices(table, min_seeds=2)
+    assert set(chosen[(chosen.encoder == "ce_b") & chosen.chosen_on_val].layer) == {"conv1"}
+
+
 def test_headline_and_gap_read_only_headline_rows():
     marked = mark_choices(table_with_traps())
     n = 100
