@@ -3,7 +3,7 @@
 #
 #   1. pretraining (ce-pretrain, 2 Ray Train CPU workers): dcgan_region_rec (random regions,
 #      reconstruction only, 6,000 steps) and dcgan_block_joint (random blocks, joint loss, 3,000
-#      steps), seeds 0-2 each; the encoder URIs go to $OUT/encoders.txt;
+#      steps), seeds 0-2 and $BJ_SEEDS (README: 0) respectively; URIs go to $OUT/encoders.txt;
 #   2. ce-finetune at 10 % labels for each of $FT_SEEDS: region_rec seed s vs random init seed s;
 #   3. ce-benchmark: `gap` at 1 / 10 / 100 %, `spatial` at 1 / 10 % (its full-label 9,216-d fits
 #      are hours of CPU here), layers conv1 / conv2 / bottleneck, in two parts side by side (one
@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/cifar10}
 DATA=${CE_CIFAR10_DIR:-../shared/datasets/cifar10}
 FT_SEEDS=${FT_SEEDS:-0}
+BJ_SEEDS=${BJ_SEEDS:-0}  # 0 1 2 makes dcgan_block_joint a headline candidate (--headline-min-seeds)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd) DATA=$(cd "$DATA" && pwd)
 URI=sqlite:///$OUT/mlflow.db
@@ -41,6 +42,8 @@ pretrain() {  # name seed steps overrides...
 for seed in 0 1 2; do
   pretrain dcgan_region_rec "$seed" 6000 mask.kind=random_region model.full_image_output=true \
     loss.lambda_adv=0
+done
+for seed in $BJ_SEEDS; do
   pretrain dcgan_block_joint "$seed" 3000 mask.kind=random_block model.full_image_output=true
 done
 
