@@ -13,15 +13,15 @@
 #
 # Every stage resumes: an encoder already in encoders.txt is not trained again, a fine-tune
 # with a result row is skipped, done probe units are read back. On the 2-core machine of the
-# README it is ~5 h of wall in all (pretraining ~2.5 h of it).
+# README it was ~4.5 h of wall in all (pretraining 2.2 h of it).
 #
 #   bash benchmarks/cifar10_suite.sh                      # everything
-#   OUT=/data/cifar10 FT_SEEDS="0 1" bash benchmarks/cifar10_suite.sh
+#   OUT=/data/cifar10 FT_SEEDS="0 1 2" bash benchmarks/cifar10_suite.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/cifar10}
 DATA=${CE_CIFAR10_DIR:-../shared/datasets/cifar10}
-FT_SEEDS=${FT_SEEDS:-0}
+FT_SEEDS=${FT_SEEDS:-0 1}
 BJ_SEEDS=${BJ_SEEDS:-0}  # 0 1 2 makes dcgan_block_joint a headline candidate (--headline-min-seeds)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd) DATA=$(cd "$DATA" && pwd)
