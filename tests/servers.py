@@ -157,6 +157,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def dead_uri() -> str:
+    """A loopback URL nothing listens on: a connection to it is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    """Poll `predicate` every 50 ms until it holds or `timeout_s` passes; its last value."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     """Until `url` answers at all (any HTTP status); raises when `proc` exits or time runs out."""
     deadline = time.time() + timeout_s

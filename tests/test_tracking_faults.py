@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pipeline.tracking import spool as spool_module
 from pipeline.tracking.queue import TrackingQueue
 from pipeline.tracking.send import MlflowSender, is_permanent
 from pipeline.tracking.spool import Spool
-from servers import MlflowServer
+from servers import MlflowServer, dead_uri, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,24 +40,9 @@ def uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def dead_uri() -> str:
-    with socket.socket() as s:  # a port nothing listens on: connection refused at once
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 def steps(uri: str, run_id: str, key: str) -> list[int]:
     """Every logged step of `key`, sorted, duplicates kept (so a repeat shows)."""
     return sorted(m.step for m in client(uri).get_metric_history(run_id, key))
-
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def digest(folder: Path) -> dict[str, str]:

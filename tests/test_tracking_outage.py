@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.tracking import RunLogger, client, new_run
 from pipeline.tracking.queue import OUTAGE_TAG
-from servers import MlflowServer
+from servers import MlflowServer, wait_for
 
 
 @pytest.fixture()
@@ -22,15 +22,6 @@ def server(tmp_path):
     s.kill()
 
 
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 def test_logging_through_a_server_restart_loses_and_repeats_nothing(server, tmp_path):
     from PIL import Image
@@ -39,7 +30,7 @@ def test_logging_through_a_server_restart_loses_and_repeats_nothing(server, tmp_
     logger = RunLogger(server.uri, run_id, spool_dir=tmp_path / "spool", max_backoff_s=0.5)
     for step in range(10):
         logger.metrics({"loss": step / 10, "lr": 0.1}, step=step)
-    assert _wait_for(lambda: logger._queue.pending() == 0, 30)
+    assert wait_for(lambda: logger._queue.pending() == 0, 30)
 
     server.kill()
     slowest = 0.0
@@ -52,7 +43,7 @@ def test_logging_through_a_server_restart_loses_and_repeats_nothing(server, tmp_
         slowest = max(slowest, time.perf_counter() - t0)
         time.sleep(0.05)
     assert slowest < 0.1  # no call waits on the dead server
-    assert _wait_for(lambda: logger.spool.pending() >= 20, 10)  # written while down
+    assert wait_for(lambda: logger.spool.pending() >= 20, 10)  # written while down
 
     server.start()
     line = logger.close(timeout_s=60)

@@ -5,7 +5,6 @@ at the transport boundary around the real sender; the spool is a real file."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
@@ -14,18 +13,13 @@ from pipeline.tracking import RunLogger, client, new_run
 from pipeline.tracking.queue import OUTAGE_TAG, TrackingQueue, take_batch
 from pipeline.tracking.send import MlflowSender, is_permanent
 from pipeline.tracking.spool import Spool
+from servers import dead_uri
 
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
     # One store for the module: creating a sqlite store runs MLflow's migrations (seconds).
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def dead_uri() -> str:
-    with socket.socket() as s:  # a port nothing listens on: connection refused at once
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
