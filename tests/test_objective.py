@@ -121,12 +121,9 @@ def test_losses_stay_finite_and_fp32_for_extreme_bf16_logits():
     assert torch.isfinite(g["loss_g"]) and g["loss_adv"].item() == pytest.approx(45.0, rel=1e-2)
 
 
-def test_random_mask_discriminator_sees_real_context_and_pushes_only_the_hole():
-    # Full-image output: D judges pred * m + image * (1 - m) (released train_random.lua), so its
-    # input equals the real image outside the hole, and the adversarial gradient reaches the
-    # prediction inside the hole and nowhere else.
+def _hole_batch():
+    """A small full-image-output D, and a batch with a rectangular hole: (d, target, mask, pred)."""
     from pipeline.model import build_discriminator
-    from pipeline.objective import discriminator_input
 
     torch.manual_seed(0)
     model = ModelConfig(image_size=32, width=8, bottleneck=16, full_image_output=True)
@@ -135,12 +132,28 @@ def test_random_mask_discriminator_sees_real_context_and_pushes_only_the_hole():
     mask = torch.zeros(2, 1, 32, 32)
     mask[..., 4:14, 10:25] = 1
     pred = torch.randn(2, 3, 32, 32, requires_grad=True)
-    fake = discriminator_input(pred, target, mask, centre=False)
-    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 0], target[:, :, mask[0, 0] == 0])
-    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 1], pred.detach()[:, :, mask[0, 0] == 1])
+    return d, target, mask, pred
+
+
+def _adversarial_grad(d, fake, pred, target, mask) -> torch.Tensor:
+    """d(loss_adv) / d(pred) when D judges `fake`."""
     adv = generator_loss(pred, target, mask, LossConfig(lambda_rec=0.0, lambda_adv=1.0),
                          centre=False, fake_logits=d(fake))["loss_adv"]  # fmt: skip
     (grad,) = torch.autograd.grad(adv, pred)
+    return grad
+
+
+def test_random_mask_discriminator_sees_real_context_and_pushes_only_the_hole():
+    # Full-image output: D judges pred * m + image * (1 - m) (released train_random.lua), so its
+    # input equals the real image outside the hole, and the adversarial gradient reaches the
+    # prediction inside the hole and nowhere else.
+    from pipeline.objective import discriminator_input
+
+    d, target, mask, pred = _hole_batch()
+    fake = discriminator_input(pred, target, mask, centre=False)
+    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 0], target[:, :, mask[0, 0] == 0])
+    assert torch.equal(fake.detach()[:, :, mask[0, 0] == 1], pred.detach()[:, :, mask[0, 0] == 1])
+    grad = _adversarial_grad(d, fake, pred, target, mask)
     hole = mask.expand_as(grad).bool()
     assert grad[~hole].abs().max() == 0
     assert grad[hole].abs().gt(0).float().mean() > 0.9
@@ -160,23 +173,14 @@ def test_released_random_variant_d_sees_raw_output_and_l2_covers_the_whole_image
     # D judges G's raw output, so the adversarial gradient also reaches the visible pixels, and
     # the L2 is torch's plain MSE over every pixel (the release's nn.MSECriterion).
     from pipeline.config import load_config
-    from pipeline.model import build_discriminator
     from pipeline.objective import discriminator_input
 
     cfg = load_config(None, ["loss.discriminator_input=prediction", "loss.visible_weight=1"])
     assert cfg.loss.discriminator_input == "prediction"
-    torch.manual_seed(0)
-    model = ModelConfig(image_size=32, width=8, bottleneck=16, full_image_output=True)
-    d = build_discriminator(model)
-    target = torch.rand(2, 3, 32, 32) * 2 - 1
-    mask = torch.zeros(2, 1, 32, 32)
-    mask[..., 4:14, 10:25] = 1
-    pred = torch.randn(2, 3, 32, 32, requires_grad=True)
+    d, target, mask, pred = _hole_batch()
     fake = discriminator_input(pred, target, mask, centre=False, mode="prediction")
     assert fake is pred
-    adv = generator_loss(pred, target, mask, LossConfig(lambda_rec=0.0, lambda_adv=1.0),
-                         centre=False, fake_logits=d(fake))["loss_adv"]  # fmt: skip
-    (grad,) = torch.autograd.grad(adv, pred)
+    grad = _adversarial_grad(d, fake, pred, target, mask)
     assert grad[~mask.expand_as(grad).bool()].abs().gt(0).float().mean() > 0.9
     rec = reconstruction_loss(pred, target, mask, cfg.loss, centre=False)
     assert rec.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item())
