@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.bench_report import KIND_LABEL
+from evaluation.bench_report import KIND_LABEL, label_text
 from evaluation.selection import CONTEXT, PIXELS, RANDOM
 
 BEGIN = (
@@ -32,10 +32,6 @@ TARGET_TOP1 = 65.0  # issue 18: the context encoder at full labels, some protoco
 FULL_LABELS = 0.9
 TARGET_GAP, GAP_FLOOR = 10.0, 5.0  # ... and >= 10 points over random init, interval clear of +5
 PROTOCOL_ORDER = {"gap": 0, "spatial": 1, "finetune": 2}
-
-
-def _labels(fraction: float, n_full: int) -> str:
-    return f"{fraction:.0%} ({round(fraction * n_full):,})"
 
 
 def _headline_cell(h: pd.Series | None) -> str:
@@ -73,7 +69,7 @@ def headline_table(head: pd.DataFrame, gap: pd.DataFrame, n_full: int) -> list[s
         top = "–"
         if f >= FULL_LABELS and CONTEXT in sub.index:
             top = "yes" if sub.loc[CONTEXT].test_top1 >= TARGET_TOP1 else "no"
-        lines.append(f"| {p} | {_labels(f, n_full)} | {cell[CONTEXT]} | {cell[RANDOM]} "
+        lines.append(f"| {p} | {label_text(f, n_full)} | {cell[CONTEXT]} | {cell[RANDOM]} "
                      f"| {cell[PIXELS]} | {gap_cell} | {hit} | {top} |")  # fmt: skip
     return lines
 

@@ -71,7 +71,7 @@ def _pct(v: float) -> str:
     return f"{v:.1f}"
 
 
-def _labels(fraction: float, n_full: int | None) -> str:
+def label_text(fraction: float, n_full: int | None) -> str:
     return f"{fraction:.0%}" + (f" ({round(fraction * n_full):,})" if n_full else "")
 
 
@@ -91,7 +91,7 @@ def summary_markdown(
     head = head.sort_values(["protocol", "label_fraction", "_k"], kind="stable")
     for r in head.itertuples(index=False):
         sd = f" ± {r.test_sd:.1f}" if r.seeds > 1 else ""
-        kind, labels = KIND_LABEL.get(r.kind, r.kind), _labels(r.label_fraction, n_full)
+        kind, labels = KIND_LABEL.get(r.kind, r.kind), label_text(r.label_fraction, n_full)
         lines.append(
             f"| {r.protocol} | {labels} | {kind} | {r.encoder} / {r.layer} | {r.seeds} "
             f"| {_pct(r.val_top1)} | {_pct(r.test_top1)}{sd} "
@@ -106,7 +106,7 @@ def summary_markdown(
         ]
         for g in gap.itertuples(index=False):
             hit = "yes" if g.gap >= 10 and g.gap_ci_low > 5 else "no"
-            labels = _labels(g.label_fraction, n_full)
+            labels = label_text(g.label_fraction, n_full)
             lines.append(
                 f"| {g.protocol} | {labels} | {g.a_encoder} / {g.a_layer}: {_pct(g.a_test_top1)} "
                 f"| {g.b_layer}: {_pct(g.b_test_top1)} | {g.gap:+.1f} "

@@ -46,20 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--layers", default="", help="comma-separated encoder layers ('' = all)")
     add("--protocols", default=",".join(D.protocols), help=f"among {list(PROTOCOLS)}")
     add("--fractions", default=",".join(f"{f:g}" for f in D.fractions), help="label fractions")
-    add(
-        "--protocol-fractions",
-        action="append",
-        default=[],
-        metavar="PROTOCOL=F1,F2",
-        help="a protocol's own label fractions (default --fractions); repeatable",
-    )
+    add("--protocol-fractions", action="append", default=[], metavar="PROTOCOL=F1,F2",
+        help="a protocol's own label fractions (default --fractions); repeatable")  # fmt: skip
     add("--random-init-seeds", type=int, default=D.random_init_seeds)
-    add(
-        "--headline-min-seeds",
-        type=int,
-        default=D.headline_min_seeds,
-        help="seeds a headline encoder needs, where its kind has such an encoder",
-    )
+    add("--headline-min-seeds", type=int, default=D.headline_min_seeds,
+        help="seeds a headline encoder needs, where its kind has one")  # fmt: skip
     add("--no-raw-pixels", action="store_true", help="skip the raw-pixel baseline")
     add("--c-grid", default=",".join(f"{c:g}" for c in P.c_grid), help="C at --grid-rows rows")
     add("--grid-rows", type=int, default=P.grid_rows, help="rows the C grid is stated at")
