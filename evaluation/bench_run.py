@@ -29,7 +29,7 @@ from evaluation.bench_report import (
 )
 from evaluation.benchmark import correctness_of, load_encoders, run_encoder
 from evaluation.selection import gaps, headline_estimates
-from pipeline.precision import cpu_model
+from pipeline.precision import capabilities, cpu_model
 from pipeline.storage import default_sqlite_uri, local_root
 from pipeline.tracking import RunLogger, check_tracking, client, new_run, tracked_run
 
@@ -120,8 +120,9 @@ def config_params(cfg: BenchmarkConfig) -> dict[str, object]:
 def machine_line(wall_s: float, computed: int, total: int, fit_s: float) -> str:
     """The machine, its load, and what this invocation and all units cost."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores, load avg {load:.1f} at the end. "
-            f"Probe fits of all {total} units: {fit_s / 60:.1f} min in all (wall, summed over "
+    isa = capabilities("cpu").describe()  # bf16 native or emulated decides what a run costs
+    return (f"Machine: {cpu_model()} ({isa}), {os.cpu_count()} cores, load avg {load:.1f} at the "
+            f"end. Probe fits of all {total} units: {fit_s / 60:.1f} min in all (wall, summed over "
             f"units and parts); this invocation: {wall_s / 60:.1f} min wall, {computed} units "
             f"computed, the rest resumed.")  # fmt: skip
 
